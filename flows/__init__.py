@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only; every stage lives in tasks/."""

@@ -1,0 +1,30 @@
+"""The one way a stage produces its artifact: compute the key, reuse or build atomically."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from artifacts.store import ArtifactStore, PendingArtifact, artifact_key
+
+log = logging.getLogger("gprune")
+
+
+def stage_spec(model: str | None, inputs: dict[str, Any], params: dict[str, Any]) -> dict:
+    """Everything an artifact depends on (the code version is added by the key)."""
+    return {"model": model, "inputs": inputs, "params": params}
+
+
+def run_stage(store: ArtifactStore, stage: str, spec: dict[str, Any],
+              build: Callable[[PendingArtifact], None], force: bool = False) -> str:
+    """Return the key of the stage's artifact, building it only when it is not stored.
+
+    ``force`` rebuilds and atomically replaces an existing artifact.
+    """
+    key = artifact_key(stage, spec)
+    if store.exists(key) and not force:
+        log.info("%s: reusing %s", stage, key)
+        return key
+    with store.write(key, stage, spec, replace=force) as pending:
+        build(pending)
+    log.info("%s: wrote %s", stage, key)
+    return key
