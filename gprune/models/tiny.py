@@ -6,6 +6,7 @@ tokenizer), so tiny models go through exactly the same loading path as real ones
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -56,10 +57,8 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with the tiny models' 260-token vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
-    byte_map = bytes_to_unicode()
-    vocab = {byte_map[b]: b for b in range(256)}
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<unk>": 259})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -74,6 +73,7 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
     model = tiny_model(family, seed=seed)
     model.save_pretrained(tmp)
     byte_tokenizer().save_pretrained(tmp)
