@@ -1,0 +1,1 @@
+"""Multiple-choice evaluation: lm-eval task generation from local files and running."""

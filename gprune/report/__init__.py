@@ -1,0 +1,1 @@
+"""The report: one results table across runs, Markdown, PNG plots, Prefect artifacts."""

@@ -1,0 +1,150 @@
+"""Evaluate stage: perplexity equals a direct computation, size/FLOPs, caching, tags."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from artifacts.store import artifact_key
+from gprune.configs.corpus import CorpusConfig
+from gprune.configs.evaluate import EvalConfig
+from gprune.data.corpus import sample_sequences
+from gprune.errors import ConfigError
+from gprune.eval.results import COLUMNS
+from gprune.maths import evaluate as em
+from gprune.models.loader import load_model, resolve_model
+from tasks.corpus import read_split, run_corpus
+from tasks.evaluate import run_evaluate
+
+FAST = dict(ppl_tokens=96, seq_len=32, mc_tasks=(), speed=True, speed_decode_tokens=2,
+            speed_repeats=1, batch_size=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer, adapter = load_model("tiny:llama")
+    return model, tokenizer, adapter
+
+
+@pytest.fixture
+def corpus_key(store, tmp_path):
+    words = "the cat sat on a mat while dogs ran past the old stone bridge".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(40)) for i in range(12)]
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(docs))
+    return run_corpus(CorpusConfig(source=str(path), heldout_fraction=0.5), store)
+
+
+def direct_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Sum of next-token NLL over real tokens, one window at a time, no padding fed."""
+    total, count = 0.0, 0
+    for row, row_mask in zip(ids, mask):
+        length = int(row_mask.sum())
+        with torch.no_grad():
+            logits = model(input_ids=row[None, :length]).logits[0]
+        total += F.cross_entropy(logits[:-1].double(), row[1:length], reduction="sum").item()
+        count += length - 1
+    return total, count
+
+
+def test_window_nll_matches_direct_and_ignores_padding(tiny):
+    model, _, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 20), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, 14:] = 0  # last window right-padded
+    sums, counts = em.window_nll(model, ids, mask, batch_size=2)
+    total, count = direct_nll(model, ids, mask)
+    assert counts.tolist() == [19, 19, 13]
+    assert sums.sum().item() == pytest.approx(total, rel=1e-5)
+    result = em.perplexity_from_nll(sums, counts)
+    assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert result.tokens == count and result.windows == 3 and result.stderr > 0
+    ids[2, 14:] = 7  # whatever sits under the padding must not matter
+    again, _ = em.window_nll(model, ids, mask, batch_size=3)
+    assert again.tolist() == pytest.approx(sums.tolist(), rel=1e-5)
+
+
+def test_stage_perplexity_equals_direct_computation(store, corpus_key, tiny):
+    model, tokenizer, adapter = tiny
+    key = run_evaluate(EvalConfig(**FAST), store, "tiny:llama", {"notes": corpus_key})
+    art = store.read(key, stage="evaluate")
+    frame = pd.read_parquet(art.file("results.parquet"))
+    assert list(frame.columns) == list(COLUMNS)
+    ppl = frame[frame["kind"] == "ppl"].iloc[0]
+    ids, mask = sample_sequences(read_split(store, corpus_key, "heldout"), tokenizer, 3, 32, 0)
+    total, count = direct_nll(model, ids, mask)
+    assert ppl["name"] == "notes" and ppl["tag"] == "ood"  # dense: no calibration source
+    assert int(ppl["n"]) == count
+    assert ppl["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert set(frame.loc[frame["kind"] == "speed", "name"]) == {
+        "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert (frame.loc[frame["kind"] == "speed", "value"] > 0).all()
+    assert art.extra["method"] == "dense" and art.extra["target_sparsity"] == 0.0
+    assert art.manifest["inputs"]["model"] == resolve_model("tiny:llama").fingerprint
+
+
+def test_dense_is_evaluated_once(store, corpus_key, monkeypatch):
+    config = EvalConfig(**{**FAST, "speed": False})
+    first = run_evaluate(config, store, "tiny:llama", {"notes": corpus_key})
+    import tasks.evaluate as stage
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the dense model was evaluated twice")
+
+    monkeypatch.setattr(stage, "evaluate_checkpoint", boom)
+    assert run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}) == first
+    with pytest.raises(AssertionError):
+        run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}, force=True)
+
+
+def fake_surgery(store, calibration: list[str]) -> str:
+    """A surgery artifact holding a copy of the tiny model, with run metadata."""
+    spec = {"model": "x", "inputs": {"plan": "fake"}, "params": {"c": calibration}}
+    key = artifact_key("surgery", spec)
+    with store.write(key, "surgery", spec) as pending:
+        shutil.copytree(resolve_model("tiny:llama").path, pending.file("model"))
+        pending.extra.update({"method": "wanda_sp", "target_sparsity": 0.3,
+                              "source_spec": "tiny:llama", "calibration_sources": calibration})
+    return key
+
+
+def test_surgery_checkpoint_tags_in_distribution(store, corpus_key):
+    key = fake_surgery(store, ["notes"])
+    config = EvalConfig(**{**FAST, "speed": False})
+    ev = store.read(run_evaluate(config, store, key, {"notes": corpus_key}), stage="evaluate")
+    frame = pd.read_parquet(ev.file("results.parquet"))
+    assert frame.loc[frame["kind"] == "ppl", "tag"].tolist() == ["in"]
+    assert ev.extra["method"] == "wanda_sp" and ev.extra["target_sparsity"] == 0.3
+    assert ev.extra["calibration_sources"] == ["notes"] and ev.extra["model"] == "tiny:llama"
+    assert ev.manifest["inputs"]["model"] == key
+
+
+def test_size_and_flops_follow_the_shape(tiny):
+    model, _, adapter = tiny
+    h, i, layers, vocab, q, kv = 64, 96, 3, 260, 4 * 16, 2 * 16
+    prunable = layers * (3 * h * i + 2 * h * q + 2 * h * kv)
+    counts = em.parameter_counts(model, adapter)
+    assert counts["prunable_params"] == prunable
+    assert counts["params"] - counts["params_non_embedding"] == vocab * h
+    flops = em.flops_per_token(model, adapter, context=10.0)
+    assert flops == pytest.approx(2 * (prunable + vocab * h) + layers * 4 * 10.0 * q)
+
+
+def test_window_longer_than_the_model_is_clamped(store, corpus_key):
+    config = EvalConfig(**{**FAST, "seq_len": 4096, "ppl_tokens": 300, "speed": False})
+    ev = store.read(run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}))
+    assert ev.extra["seq_len_used"] == 256  # tiny models have 256 positions
+
+
+@pytest.mark.parametrize("bad", [dict(ppl_tokens=0), dict(seq_len=1), dict(mc_limit=0),
+                                 dict(device="tpu"), dict(mc_tasks=("a", "a")),
+                                 dict(mc_tasks=(" ",)), dict(unknown=1)])
+def test_bad_config_is_one_line_error(bad):
+    with pytest.raises(ConfigError) as err:
+        EvalConfig.build(**bad)
+    assert "\n" not in str(err.value) and str(err.value).startswith("EvalConfig")

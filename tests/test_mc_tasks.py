@@ -1,0 +1,138 @@
+"""Multiple-choice tasks: parsing, validation, lm-eval end to end offline, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from gprune.errors import ConfigError, GpruneError
+from gprune.eval import mc_tasks as mc
+from gprune.eval.lm_eval_runner import prepare_tasks, run_mc_tasks
+from gprune.models.loader import load_model
+
+VALID = [
+    {"query": "Question: What color is the clear sky?\nAnswer:", "choices": ["blue", "green"],
+     "gold": 0},
+    {"query": "Question: How many legs has a cat?\nAnswer:", "choices": ["two", "four", "six"],
+     "gold": 1},
+    {"query": "Question: Opposite of hot?\nAnswer:", "choices": ["warm", "cold", "red"], "gold": 1},
+    {"query": "Question: Ice is frozen what?\nAnswer:", "choices": ["water", "sand"], "gold": 0},
+    {"query": "Question: Sun rises in the?\nAnswer:", "choices": ["west", "north", "east"],
+     "gold": 2},
+]
+MALFORMED = [
+    '{"query": "Q?", "choices": ["a", "b"], "gold": 5}',     # gold out of range
+    '{"query": "Q?", "choices": ["a", "a"], "gold": 0}',     # duplicate options
+    'not json at all',
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer, _ = load_model("tiny:llama")
+    return model, tokenizer
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def direct_accuracy(model, tokenizer, rows) -> float:
+    """argmax over summed log-likelihoods of " " + choice after the query (lm-eval's acc)."""
+    correct = 0
+    for row in rows:
+        context = tokenizer(row["query"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in row["choices"]:
+            cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits[0].double(), -1)
+            targets = ids[0, len(context):]
+            scores.append(logp[len(context) - 1:].gather(1, targets[:, None]).sum().item())
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == row["gold"])
+    return correct / len(rows)
+
+
+def test_parse_mmlu_and_siqa_rows():
+    mmlu = {"question": "Which is a prime?\n\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:", "answer": "C"}
+    assert mc.parse_mmlu(mmlu) == {"query": "Question: Which is a prime?\nAnswer:",
+                                   "choices": ["4", "6", "7", "9"], "gold": 2}
+    siqa = {"input": [{"role": "user", "content": "Kai ate. How would Kai feel? "
+                       "A: full; B: hungry; C: sad."}], "ideal": "A"}
+    assert mc.parse_siqa(siqa) == {"query": "Kai ate. How would Kai feel?\nAnswer:",
+                                   "choices": ["full", "hungry", "sad"], "gold": 0}
+    assert mc.parse_mmlu({**mmlu, "answer": "E"}) is None
+    assert mc.parse_mmlu({"question": "no options here\nAnswer:", "answer": "A"}) is None
+    assert mc.parse_siqa({**siqa, "ideal": "D"}) is None
+    assert mc.parse_siqa({"input": []}) is None and mc.parse_siqa(["x"]) is None
+
+
+def test_validation_skips_and_counts_malformed_rows():
+    lines = [json.dumps(r) for r in VALID] + MALFORMED + [
+        "", '{"query": "Q?", "choices": ["a", "b"], "gold": true}',
+        '{"query": "", "choices": ["a", "b"], "gold": 0}', '{"query": "Q?", "choices": ["a"]}',
+        '{"query": "Q?", "choices": ["a", 3], "gold": 0}', '[1, 2]']
+    rows, skipped = mc.normalize_lines(lines, mc.validate_row)
+    assert rows == VALID and skipped == len(MALFORMED) + 5
+
+
+def test_written_task_yaml_points_at_its_data(tmp_path):
+    built = mc.write_task("demo", VALID, 2, "acc_norm", tmp_path)
+    spec = yaml.safe_load((built.folder / "demo.yaml").read_text())
+    data = built.folder / "demo.jsonl"
+    assert spec["task"] == "demo" and spec["output_type"] == "multiple_choice"
+    assert spec["dataset_kwargs"]["data_files"]["test"] == str(data)
+    assert [json.loads(line) for line in data.read_text().splitlines()] == VALID
+    assert (built.examples, built.skipped, built.metric) == (5, 2, "acc_norm")
+    assert mc.write_task("demo", VALID, 2, "acc_norm", tmp_path).folder == built.folder
+
+
+def test_local_file_task_runs_offline_end_to_end(tiny, tmp_path):
+    model, tokenizer = tiny
+    path = write_jsonl(tmp_path / "My Quiz.jsonl", VALID, MALFORMED)
+    [result] = run_mc_tasks(model, tokenizer, [str(path)], limit=None, device="cpu",
+                            root=tmp_path / "tasks")
+    assert result.task == "my_quiz" and result.metric == "acc"
+    assert result.examples == len(VALID) and result.skipped == len(MALFORMED)
+    assert 0.0 <= result.value <= 1.0
+    assert result.value == pytest.approx(direct_accuracy(model, tokenizer, VALID))
+    [limited] = run_mc_tasks(model, tokenizer, [str(path)], limit=3, device="cpu",
+                             root=tmp_path / "tasks")
+    assert limited.examples == 3
+    assert limited.value == pytest.approx(direct_accuracy(model, tokenizer, VALID[:3]))
+
+
+def test_file_with_no_valid_row_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "broken.jsonl", [], MALFORMED)
+    with pytest.raises(ConfigError, match="no valid rows"):
+        prepare_tasks([str(path)], root=tmp_path)
+
+
+def test_missing_task_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        prepare_tasks([str(tmp_path / "nope.jsonl")], root=tmp_path)
+
+
+def test_hub_task_offline_names_local_alternatives(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GpruneError) as err:
+        prepare_tasks(["hellaswag"], root=tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "hellaswag" in message
+    assert "mmlu_local" in message and "siqa_local" in message and ".jsonl" in message
+
+
+def test_local_task_from_the_evals_wheel(tmp_path):
+    """Needs the evals wheel (downloaded once from PyPI into the cache)."""
+    from gprune.data.wheels import find_wheel
+
+    if find_wheel(*mc.EVALS) is None:
+        pytest.skip("evals wheel not in the cache and no download in unit tests")
+    built = mc.build_local_task("siqa_local", tmp_path)
+    assert built.metric == "acc_norm" and built.examples + built.skipped == 2224
+    assert 0 < built.skipped < 20
