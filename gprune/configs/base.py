@@ -22,5 +22,6 @@ class StageConfig(BaseModel):
             return cls(**values)
         except ValidationError as err:
             first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or cls.__name__
-            raise ConfigError(f"{cls.__name__}: {where}: {first['msg']}") from err
+            where = ".".join(str(p) for p in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{cls.__name__}: {where + ': ' if where else ''}{message}") from err

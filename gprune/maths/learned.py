@@ -1,0 +1,173 @@
+"""Stage 5 (learned): module-wise keep fractions under the global budget.
+
+k(M) = sigmoid(theta_M) per module. Unit u at local position q(u) = 1 - score(u)
+(the module's best unit sits at 0) gets the soft mask sigmoid((k(M) - q(u)) / T),
+T annealed geometrically. Objective: KL(dense || masked) of next-token
+distributions on mixed-source calibration tokens + lambda * (budget(k) - (1-S))^2,
+minimised with Adam over theta only (model weights frozen). See METHOD.md stage 5.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from gprune.maths.allocate import Fractions, module_sizes
+from gprune.maths.budget import prunable_params
+from gprune.models.adapters import FamilyAdapter, ModelShape
+
+
+@dataclass
+class LearnSettings:
+    steps: int = 30
+    lr: float = 0.1
+    penalty: float = 50.0
+    t_start: float = 0.05
+    t_end: float = 0.01
+    prune_attention: bool = True
+
+
+@dataclass
+class MaskLayout:
+    """Index tensors mapping units to trainable modules (one entry per layer)."""
+
+    mlp_module: list[torch.Tensor]   # (intermediate,) index into theta
+    mlp_q: list[torch.Tensor]        # (intermediate,) local position in [0, 1]
+    attn_module: list[int]           # theta index of the layer's head module, -1 if frozen
+    attn_q: list[torch.Tensor]       # (heads,)
+    sizes: list[int] = field(default_factory=list)        # units per theta entry
+    unit_params: list[int] = field(default_factory=list)  # params per unit of each theta entry
+    names: list[tuple] = field(default_factory=list)      # ("mlp", layer, module) | ("attn", layer)
+
+
+def build_layout(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool) -> MaskLayout:
+    layout = MaskLayout([], [], [], [])
+    head_params = shape.q_params_per_head + shape.kv_params_per_group / shape.group_size
+    for layer in range(shape.num_layers):
+        mlp = scores[(scores.layer == layer) & (scores.kind == "mlp")].sort_values("unit")
+        index = torch.empty(shape.intermediate, dtype=torch.long)
+        for module, group in mlp.groupby("module"):
+            index[torch.as_tensor(group.unit.to_numpy())] = len(layout.names)
+            layout.names.append(("mlp", layer, int(module)))
+            layout.sizes.append(len(group))
+            layout.unit_params.append(shape.params_per_channel)
+        layout.mlp_module.append(index)
+        layout.mlp_q.append(torch.as_tensor(1.0 - mlp.score.to_numpy(), dtype=torch.float32))
+        attn = scores[(scores.layer == layer) & (scores.kind == "attn")].sort_values("unit")
+        layout.attn_q.append(torch.as_tensor(1.0 - attn.score.to_numpy(), dtype=torch.float32))
+        if prune_attention:
+            layout.attn_module.append(len(layout.names))
+            layout.names.append(("attn", layer))
+            layout.sizes.append(shape.heads)
+            layout.unit_params.append(int(head_params))
+        else:
+            layout.attn_module.append(-1)
+    return layout
+
+
+@contextlib.contextmanager
+def soft_masks(model: torch.nn.Module, adapter: FamilyAdapter, layout: MaskLayout,
+               keep: list[torch.Tensor], head_dim: int):
+    """Scale the inputs of each MLP / attention output projection by the current soft masks.
+
+    ``keep`` is a one-element list holding (mlp_masks, head_masks) lists, refreshed each step.
+    Hooks are always removed.
+    """
+    handles = []
+    for layer_idx, layer in enumerate(adapter.decoder_layers(model)):
+        def mlp_hook(_mod, args, i=layer_idx):
+            return (args[0] * keep[0][0][i],) + args[1:]            # (B, T, I) * (I,)
+
+        def attn_hook(_mod, args, i=layer_idx):
+            heads = keep[0][1][i]
+            if heads is None:
+                return None
+            return (args[0] * heads.repeat_interleave(head_dim),) + args[1:]  # (B, T, H*hd)
+
+        handles.append(adapter.mlp_output(layer).register_forward_pre_hook(mlp_hook))
+        handles.append(adapter.attn_output(layer).register_forward_pre_hook(attn_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def masks_for(theta: torch.Tensor, layout: MaskLayout, temperature: float):
+    k = torch.sigmoid(theta)
+    mlp = [torch.sigmoid((k[idx] - q) / temperature) for idx, q in zip(layout.mlp_module, layout.mlp_q)]
+    heads = [None if m < 0 else torch.sigmoid((k[m] - q) / temperature)
+             for m, q in zip(layout.attn_module, layout.attn_q)]
+    return mlp, heads
+
+
+def expected_keep(theta: torch.Tensor, layout: MaskLayout, shape: ModelShape) -> torch.Tensor:
+    """Expected kept fraction of the prunable parameters under keep fractions sigmoid(theta)."""
+    weights = torch.tensor([n * p for n, p in zip(layout.sizes, layout.unit_params)], dtype=theta.dtype)
+    frozen = sum(shape.heads * (shape.q_params_per_head + shape.kv_params_per_group / shape.group_size)
+                 for m in layout.attn_module if m < 0)
+    return (torch.sigmoid(theta) @ weights + frozen) / prunable_params(shape)
+
+
+def kl_to_dense(student_logits, teacher_logprobs, mask) -> torch.Tensor:
+    """Mean KL(dense || masked) over real (mask == 1) positions. logits (B, T, V)."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)     # (B, T)
+    return (kl * mask).sum() / mask.sum()
+
+
+def learn_fractions(model, adapter: FamilyAdapter, shape: ModelShape, scores: pd.DataFrame,
+                    batches: list[tuple[torch.Tensor, torch.Tensor]], sparsity: float,
+                    settings: LearnSettings) -> tuple[Fractions, list[float]]:
+    """Learn keep fractions; return them and the objective per step."""
+    device = next(model.parameters()).device
+    layout = build_layout(scores, shape, settings.prune_attention)
+    start = min(max(1.0 - sparsity, 1e-3), 1 - 1e-3)
+    theta = torch.full((len(layout.names),), math.log(start / (1 - start)), requires_grad=True)
+    teachers = _teacher_logprobs(model, batches)
+    optimizer = torch.optim.Adam([theta], lr=settings.lr)
+    history, keep = [], [None]
+    model.requires_grad_(False)
+    device_layout = _to_device(layout, device)
+    with soft_masks(model, adapter, device_layout, keep, shape.head_dim):
+        for step in range(settings.steps):
+            t = settings.t_start * (settings.t_end / settings.t_start) ** (step / max(settings.steps - 1, 1))
+            input_ids, mask = batches[step % len(batches)]
+            keep[0] = masks_for(theta.to(device), device_layout, t)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            kl = kl_to_dense(logits[:, :-1], teachers[step % len(batches)], mask[:, 1:].to(device))
+            budget = (expected_keep(theta, layout, shape) - (1.0 - sparsity)) ** 2
+            loss = kl.cpu() + settings.penalty * budget
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(float(loss))
+    return _fractions(theta.detach(), layout, scores, shape), history
+
+
+@torch.no_grad()
+def _teacher_logprobs(model, batches) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [F.log_softmax(model(input_ids=ids.to(device), attention_mask=m.to(device)).logits[:, :-1]
+                          .float(), dim=-1) for ids, m in batches]
+
+
+def _to_device(layout: MaskLayout, device) -> MaskLayout:
+    if str(device) == "cpu":
+        return layout
+    move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    return MaskLayout(move(layout.mlp_module), move(layout.mlp_q), layout.attn_module,
+                      move(layout.attn_q), layout.sizes, layout.unit_params, layout.names)
+
+
+def _fractions(theta: torch.Tensor, layout: MaskLayout, scores: pd.DataFrame,
+               shape: ModelShape) -> Fractions:
+    k = torch.sigmoid(theta).tolist()
+    mlp = {(n[1], n[2]): k[i] for i, n in enumerate(layout.names) if n[0] == "mlp"}
+    attn = {layer: 1.0 for layer in range(shape.num_layers)}
+    attn.update({n[1]: k[i] for i, n in enumerate(layout.names) if n[0] == "attn"})
+    return Fractions(mlp, module_sizes(scores), attn)

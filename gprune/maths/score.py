@@ -1,0 +1,91 @@
+"""Stage 4: reliability-gated, module-local scoring (METHOD.md stage 4).
+
+A module is unreliable when its mean distribution sensitivity is above the
+layer's ``q_sigma`` quantile AND its mean magnitude is below the layer's
+``q_m`` quantile: its units are then scored by the activation-independent
+weight score. Reliable modules use the activation metric aggregated over
+sources (mean of per-source layer-normalized scores, so no source dominates:
+that is the unit's magnitude). Scores are finally ranked inside each module,
+so units compete only with their own module.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from gprune.errors import ConfigError
+
+SIGMA_EPS = 1e-9
+
+
+def local_rank(values: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (highest value -> 1, ties averaged); a single unit gets 1."""
+    if len(values) == 1:
+        return np.ones(1)
+    ranks = pd.Series(values).rank(method="average").to_numpy()
+    return (ranks - 1) / (len(values) - 1)
+
+
+def activation_score(units: pd.DataFrame, metric: str, aggregate: str) -> np.ndarray:
+    """The activation metric per unit: normalized mean over sources, or from pooled statistics."""
+    if aggregate == "pooled":
+        return units[f"{metric}_pooled"].to_numpy(dtype=float)
+    return units[f"{metric}_magnitude"].to_numpy(dtype=float)
+
+
+def gate_modules(modules: pd.DataFrame, q_sigma: float, q_m: float) -> pd.DataFrame:
+    """Add metric_used and reason per module from layer quantiles of unit sigma and m."""
+    out = modules.copy()
+    above = out.mean_sensitivity > out.sigma_threshold + SIGMA_EPS   # rank noise is not sensitivity
+    unreliable = above & (out.mean_magnitude < out.m_threshold)
+    out["metric_used"] = np.where(unreliable, "weight", "activation")
+    out["reason"] = np.where(
+        unreliable,
+        f"mean sensitivity above the layer's q{q_sigma:g} quantile and mean magnitude below its q{q_m:g} quantile",
+        "reliable: activation signal is stable or strong")
+    return out
+
+
+def summarize_modules(units: pd.DataFrame, metric: str, q_sigma: float, q_m: float) -> pd.DataFrame:
+    """Per (layer, kind, module): size, mean sensitivity / magnitude and the layer thresholds."""
+    sigma, mag = f"{metric}_sensitivity", f"{metric}_magnitude"
+    layer = units.groupby(["layer", "kind"]).agg(
+        sigma_threshold=(sigma, lambda s: s.quantile(q_sigma)),
+        m_threshold=(mag, lambda s: s.quantile(q_m))).reset_index()
+    modules = units.groupby(["layer", "kind", "module"]).agg(
+        size=("unit", "size"), mean_sensitivity=(sigma, "mean"),
+        mean_magnitude=(mag, "mean")).reset_index()
+    return modules.merge(layer, on=["layer", "kind"])
+
+
+def score_units(units: pd.DataFrame, modules_of_units: pd.DataFrame, metric: str,
+                aggregate: str = "normalized_mean", gate: bool = True,
+                q_sigma: float = 0.75, q_m: float = 0.25) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Gated module-local scores.
+
+    units: stats rows (layer, kind, unit, metric columns, weight_score);
+    modules_of_units: (layer, kind, unit, module) from the partition stage;
+    metric: "wanda_sp" | "flap" | "weight" (weight-only: magnitude_sp).
+    Returns (scores[layer, kind, unit, module, metric_used, raw, score], modules summary).
+    """
+    signal = "wanda_sp" if metric == "weight" else metric   # whose sensitivity the summary shows
+    if gate and metric != "weight" and units[f"{signal}_sensitivity"].isna().any():
+        raise ConfigError("the reliability gate needs distribution sensitivity from >= 2 "
+                          "calibration sources; add sources or turn the gate off (--no-gate)")
+    table = units.merge(modules_of_units, on=["layer", "kind", "unit"], validate="one_to_one")
+    modules = summarize_modules(table, signal, q_sigma, q_m)
+    if gate and metric != "weight":
+        modules = gate_modules(modules, q_sigma, q_m)
+    else:
+        modules["metric_used"] = "weight" if metric == "weight" else "activation"
+        modules["reason"] = "weight-only method" if metric == "weight" else "gate off"
+    table = table.merge(modules[["layer", "kind", "module", "metric_used"]],
+                        on=["layer", "kind", "module"])
+    activation = (table.weight_score.to_numpy() if metric == "weight"
+                  else activation_score(table, metric, aggregate))
+    table["raw"] = np.where(table.metric_used == "weight", table.weight_score, activation)
+    table["score"] = 0.0
+    for _, index in table.groupby(["layer", "kind", "module"]).groups.items():
+        table.loc[index, "score"] = local_rank(table.loc[index, "raw"].to_numpy())
+    scores = table[["layer", "kind", "unit", "module", "metric_used", "raw", "score"]]
+    return scores.sort_values(["layer", "kind", "unit"], ignore_index=True), modules

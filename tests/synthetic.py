@@ -1,0 +1,47 @@
+"""Synthetic stats tables with the `units.parquet` schema, for tests of stages 3-5."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from gprune.models.adapters import ModelShape
+
+TINY_SHAPE = ModelShape(num_layers=3, hidden=64, intermediate=96, heads=4, kv_heads=2,
+                        head_dim=16, gated=True)
+
+
+def ranks01(values: np.ndarray) -> np.ndarray:
+    order = pd.Series(values).rank(method="average").to_numpy()
+    return (order - 1) / max(len(values) - 1, 1)
+
+
+def units_table(per_source: dict[tuple[int, str], np.ndarray], weight: dict[tuple[int, str], np.ndarray]
+                ) -> pd.DataFrame:
+    """Build units rows from per-(layer, kind) score matrices of shape (n_units, D)."""
+    rows = []
+    for (layer, kind), scores in sorted(per_source.items()):
+        ranks = np.stack([ranks01(scores[:, d]) for d in range(scores.shape[1])], axis=1)
+        normalized = scores / scores.mean(axis=0, keepdims=True)
+        sens = ranks.std(axis=1) if scores.shape[1] > 1 else np.full(len(scores), np.nan)
+        for unit in range(len(scores)):
+            row = {"layer": layer, "kind": kind, "unit": unit, "weight_score": weight[(layer, kind)][unit],
+                   "freq": 0.5}
+            for metric in ("wanda_sp", "flap"):
+                row[metric] = scores[unit].tolist()
+                row[f"{metric}_rank"] = ranks[unit].tolist()
+                row[f"{metric}_sensitivity"] = sens[unit]
+                row[f"{metric}_magnitude"] = normalized[unit].mean()
+                row[f"{metric}_pooled"] = scores[unit].mean()
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def random_units(shape: ModelShape = TINY_SHAPE, sources: int = 3, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    per_source, weight = {}, {}
+    for layer in range(shape.num_layers):
+        for kind, n in (("mlp", shape.intermediate), ("attn", shape.heads)):
+            base = rng.lognormal(0.0, 1.0, size=(n, 1))
+            per_source[(layer, kind)] = base * rng.lognormal(0.0, 0.5, size=(n, sources))
+            weight[(layer, kind)] = rng.lognormal(0.0, 0.3, size=n)
+    return units_table(per_source, weight)
