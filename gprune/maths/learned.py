@@ -51,7 +51,7 @@ def build_layout(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool)
         mlp = scores[(scores.layer == layer) & (scores.kind == "mlp")].sort_values("unit")
         index = torch.empty(shape.intermediate, dtype=torch.long)
         for module, group in mlp.groupby("module"):
-            index[torch.as_tensor(group.unit.to_numpy())] = len(layout.names)
+            index[torch.as_tensor(group.unit.to_numpy().copy())] = len(layout.names)
             layout.names.append(("mlp", layer, int(module)))
             layout.sizes.append(len(group))
             layout.unit_params.append(shape.params_per_channel)
@@ -145,7 +145,7 @@ def learn_fractions(model, adapter: FamilyAdapter, shape: ModelShape, scores: pd
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
     return _fractions(theta.detach(), layout, scores, shape), history
 
 
