@@ -1,0 +1,161 @@
+"""The `gprune` command line: run the whole job, run one stage, list the store.
+
+Every user error ends as one line on stderr and exit status 2; nothing in the
+store is touched by a failed command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from gprune import __version__
+from gprune.errors import GpruneError
+
+STAGE_HELP = {
+    "corpus": "materialize a text source with calibration/held-out splits",
+    "capture": "stage 1: activation statistics of one source",
+    "stats": "stage 2: per-unit metrics, ranks and sensitivity over captures",
+    "partition": "stage 3: module partition of each layer",
+    "score": "stage 4: reliability-gated module-local scores",
+    "allocate": "stage 5: a pruning plan for one target sparsity",
+    "surgery": "stage 6: slice the model to a plan and save the checkpoint",
+    "evaluate": "stage 7: perplexity, multiple choice, size and speed of a checkpoint",
+    "report": "stage 7: table, Markdown report and plots over evaluations",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gprune", description=(
+        "Generalization-aware structured pruning of LLMs (GPrune-LLM) as a cached pipeline."))
+    parser.add_argument("--version", action="version", version=f"gprune {__version__}")
+    parser.add_argument("--store", help="artifact store folder (default: $GPRUNE_STORE or "
+                                        "~/.cache/gprune/store)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub.add_parser("run", help="run the whole job (the gprune Prefect flow)"))
+    stage = sub.add_parser("stage", help="run one stage from cached artifacts")
+    stages = stage.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    from gprune import cli_stages
+
+    for name, text in STAGE_HELP.items():
+        cli_stages.add_arguments(name, stages.add_parser(name, help=text, description=text))
+    ls = sub.add_parser("ls", help="list the artifacts in the store")
+    ls.add_argument("--stage", help="only this stage")
+    show = sub.add_parser("show", help="print an artifact's manifest")
+    show.add_argument("key")
+    return parser
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    from gprune.configs.pipeline import DEFAULT_EVAL_SOURCES, DEFAULT_SOURCES
+
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (embedded default), tiny:<family>, an HF folder, or a Hub id")
+    p.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES, help="calibration sources")
+    p.add_argument("--eval-sources", nargs="*", default=DEFAULT_EVAL_SOURCES)
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.2])
+    p.add_argument("--methods", nargs="+", default=["gprune"],
+                   help="gprune, flap, wanda_sp, magnitude_sp")
+    p.add_argument("--no-partition", action="store_true", help="ablation: K=1")
+    p.add_argument("--no-gate", action="store_true", help="ablation: no reliability gate")
+    p.add_argument("--allocator", choices=["learned", "uniform", "flap"])
+    p.add_argument("--capture-sequences", type=int, default=32)
+    p.add_argument("--capture-seq-len", type=int, default=512)
+    p.add_argument("--allocator-steps", type=int, default=30)
+    p.add_argument("--no-attention", action="store_true", help="prune MLP channels only")
+    p.add_argument("--no-eval", action="store_true", help="stop after surgery")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per source")
+    p.add_argument("--mc-tasks", nargs="*", default=["mmlu_local", "siqa_local"])
+    p.add_argument("--mc-limit", type=int, default=200, help="examples per task")
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--force", nargs="*", default=[], help="stages to recompute (or 'all')")
+
+
+def pipeline_from_args(args):
+    from gprune.configs.methods import MethodConfig
+    from gprune.configs.pipeline import PipelineConfig
+
+    methods = [MethodConfig.build(name=name, no_partition=args.no_partition, no_gate=args.no_gate,
+                                  allocator=args.allocator) for name in args.methods]
+    return PipelineConfig.build(
+        model=args.model, sources=args.sources, eval_sources=args.eval_sources,
+        sparsities=args.sparsities, methods=methods, capture_sequences=args.capture_sequences,
+        capture_seq_len=args.capture_seq_len, allocator_steps=args.allocator_steps,
+        prune_attention=not args.no_attention, evaluate=not args.no_eval,
+        eval_tokens=args.eval_tokens, mc_tasks=args.mc_tasks, mc_limit=args.mc_limit,
+        speed=not args.no_speed, device=args.device, force=args.force)
+
+
+def cmd_run(args) -> int:
+    from gprune.configs.pipeline import preflight
+
+    config = pipeline_from_args(args)
+    preflight(config)  # one-line errors before Prefect or any stage starts
+    from flows.gprune_flow import run_pipeline
+
+    result = run_pipeline(config, store=args.store)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from artifacts.store import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    rows = [a for a in store.list() if not args.stage or a.stage == args.stage]
+    print(f"store: {store.root} ({len(rows)} artifacts)")
+    for art in rows:
+        size = art.manifest.get("total_bytes", 0) / 1e6
+        print(f"{art.key:32s} {art.manifest.get('created', ''):21s} {size:9.2f} MB  "
+              f"{_summary(art)}")
+    return 0
+
+
+def _summary(art) -> str:
+    extra, params = art.extra, art.params
+    for name in ("source", "method", "sparsity", "target_sparsity", "achieved_sparsity", "tokens"):
+        if name in params:
+            extra = {name: params[name], **extra}
+    keep = ("source", "method", "target_sparsity", "sparsity", "achieved_sparsity", "tokens",
+            "sources")
+    return " ".join(f"{k}={extra[k]}" for k in keep if k in extra)
+
+
+def cmd_show(args) -> int:
+    from artifacts.store import ArtifactStore
+
+    art = ArtifactStore(args.store).read(args.key)
+    print(json.dumps(art.manifest, indent=2, sort_keys=True))
+    print(f"path: {art.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.store:
+        os.environ["GPRUNE_STORE"] = os.path.abspath(os.path.expanduser(args.store))
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "stage":
+            from gprune import cli_stages
+
+            return cli_stages.run(args)
+        return {"ls": cmd_ls, "show": cmd_show}[args.command](args)
+    except GpruneError as err:
+        print(f"gprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gprune: interrupted; finished artifacts are kept, partial ones were discarded",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
