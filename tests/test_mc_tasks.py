@@ -127,6 +127,26 @@ def test_hub_task_offline_names_local_alternatives(monkeypatch, tmp_path):
     assert "mmlu_local" in message and "siqa_local" in message and ".jsonl" in message
 
 
+def test_hub_task_without_network_is_refused_and_with_it_passed_on(monkeypatch, tmp_path):
+    import socket
+
+    from gprune.eval import lm_eval_runner as runner
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(GpruneError, match="siqa_local"):
+        prepare_tasks(["arc_easy"], root=tmp_path)
+    monkeypatch.setattr(runner, "hub_reachable", lambda: True)
+    path = write_jsonl(tmp_path / "quiz.jsonl", VALID)
+    built, hub = prepare_tasks([str(path), "arc_easy"], root=tmp_path)
+    assert [b.name for b in built] == ["quiz"] and hub == ["arc_easy"]
+
+
 def test_local_task_from_the_evals_wheel(tmp_path):
     """Needs the evals wheel (downloaded once from PyPI into the cache)."""
     from gprune.data.wheels import find_wheel

@@ -11,6 +11,14 @@ from gprune.configs.base import StageConfig
 
 
 class EvalConfig(StageConfig):
+    """Budgets of one evaluation.
+
+    Perplexity: per corpus source, ``ceil(ppl_tokens / seq_len)`` windows of ``seq_len``
+    tokens drawn from the held-out split (``gprune.data.corpus.sample_sequences`` with
+    ``seed``); ``seq_len`` is cut to the model's context length when longer. Multiple
+    choice: the first ``mc_limit`` valid examples of each task, zero-shot.
+    """
+
     ppl_tokens: int = Field(4096, ge=2, le=10_000_000,
                             description="held-out tokens per corpus source (perplexity budget)")
     seq_len: int = Field(512, ge=2, le=131072, description="tokens per perplexity window")
@@ -42,8 +50,3 @@ class EvalConfig(StageConfig):
         if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
             raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
         return device
-
-    @property
-    def n_windows(self) -> int:
-        """Windows per source for a window length ``seq_len`` (ceil of budget / length)."""
-        return -(-self.ppl_tokens // self.seq_len)

@@ -43,9 +43,11 @@ def tasks_root() -> Path:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or huggingface.co:443 does not answer."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
+    """False when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or huggingface.co:443
+    does not answer (Hub tasks download their data through ``datasets``)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
     try:
         with socket.create_connection(HUB_HOST, timeout=timeout):
             return True
