@@ -213,6 +213,9 @@ def test_plan_of_other_shape_refused():
                        "fp", "llama")
     with pytest.raises(ConfigError, match="make a plan for this model"):
         apply_plan(model, adapter, plan)
+    _, pruned, plan = pruned_in_memory("llama")
+    with pytest.raises(ConfigError, match="already pruned"):
+        apply_plan(pruned, adapter, plan)
 
 
 # ---- the stage: save, reload both ways, generate ----------------------------------
@@ -290,3 +293,22 @@ def test_plan_from_another_model_refused(store, tmp_path):
     with pytest.raises(ConfigError, match="stats"):
         run_surgery(SurgeryConfig(bias_compensation=True, device="cpu"), store, plan_key)
     assert not list((store.root).glob("surgery/*"))
+
+
+def test_speed_benchmark_runs_on_tiny_model(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    speed.main(["--model", "tiny:llama", "--prompt-tokens", "16", "--decode-tokens", "2",
+                "--repeats", "1", "--device", "cpu", "--heads-per-group", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and "heads_per_kv_group=1" in lines[-2]
+    name, value = lines[-1].split("=")
+    assert name == "prefill_speedup_over_theoretical" and float(value) > 0
+    dense_flops = float(lines[1].split("prefill_flops_per_token=")[1].split()[0])
+    pruned_flops = float(lines[3].split("prefill_flops_per_token=")[1].split()[0])
+    assert pruned_flops < dense_flops

@@ -126,6 +126,8 @@ def apply_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan,
     compensation; without it the removed channels are simply dropped.
     """
     shape = plan.dense
+    if getattr(model.config, "gprune_layers", None) is not None:
+        raise ConfigError("this model is already pruned; apply plans to the dense model")
     if adapter.shape(model.config) != shape:
         raise ConfigError(f"plan is for a model of shape {shape}, not "
                           f"{adapter.shape(model.config)}; make a plan for this model")
