@@ -24,3 +24,19 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q -x --durations=15
+
+# Local Prefect server (SQLite, 127.0.0.1, telemetry off), process pool, deployments, worker.
+# State (pid files, logs, database) under .gprune/prefect; see docs/PREFECT.md.
+PREFECT_LOCAL := GPRUNE_PYTHON=$(abspath $(PY)) scripts/prefect_local.sh
+
+server-up: setup
+	$(PREFECT_LOCAL) up
+
+deploy: setup
+	$(PREFECT_LOCAL) deploy
+
+worker: setup
+	$(PREFECT_LOCAL) worker
+
+server-down:
+	$(PREFECT_LOCAL) down

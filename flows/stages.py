@@ -1,0 +1,118 @@
+"""Prefect tasks of the gprune flow: one thin, typed wrapper per stage function.
+
+Each task takes stage configs, the store root and input artifact keys, calls the
+stage's plain ``tasks.<stage>.run_<stage>`` and returns the output artifact key; no
+tensors cross a task boundary. Caching: ``flows.cache.ARTIFACT_CACHE`` (the Prefect
+cache key is the artifact key; an artifact that is gone is never served from cache).
+Retries only where the work is I/O: loading a corpus (the Hub when online) and
+publishing the report to the Prefect API.
+"""
+from __future__ import annotations
+
+from prefect import task
+
+from flows.cache import ARTIFACT_CACHE, run_cached
+from gprune.configs.allocate import AllocateConfig
+from gprune.configs.capture import CaptureConfig
+from gprune.configs.corpus import CorpusConfig
+from gprune.configs.evaluate import EvalConfig
+from gprune.configs.partition import PartitionConfig
+from gprune.configs.report import ReportConfig
+from gprune.configs.score import ScoreConfig
+from gprune.configs.stats import StatsConfig
+from gprune.configs.surgery import SurgeryConfig
+
+STAGE_TASK = dict(cache_policy=ARTIFACT_CACHE, persist_result=True)
+
+
+@task(name="corpus", task_run_name="corpus-{config.source}", retries=2,
+      retry_delay_seconds=5, **STAGE_TASK)
+def corpus(config: CorpusConfig, store_root: str, stamp: str, force: bool = False) -> str:
+    """``stamp`` (flows.cache.source_stamp) only identifies the source's content."""
+    from tasks.corpus import run_corpus
+
+    return run_cached("corpus", store_root, lambda s: run_corpus(config, s, force=force))
+
+
+@task(name="capture", task_run_name="capture-{config.source}", **STAGE_TASK)
+def capture(config: CaptureConfig, store_root: str, model: str, model_fingerprint: str,
+            corpus_key: str, force: bool = False) -> str:
+    """``model_fingerprint`` only identifies the weights behind the ``model`` spec."""
+    from tasks.capture import run_capture
+
+    return run_cached("capture", store_root,
+                      lambda s: run_capture(config, s, model, corpus_key, force=force))
+
+
+@task(name="stats", **STAGE_TASK)
+def stats(config: StatsConfig, store_root: str, capture_keys: list[str],
+          force: bool = False) -> str:
+    from tasks.stats import run_stats
+
+    return run_cached("stats", store_root,
+                      lambda s: run_stats(config, s, list(capture_keys), force=force))
+
+
+@task(name="partition", **STAGE_TASK)
+def partition(config: PartitionConfig, store_root: str, stats_key: str,
+              force: bool = False) -> str:
+    from tasks.partition import run_partition
+
+    return run_cached("partition", store_root,
+                      lambda s: run_partition(config, s, stats_key, force=force))
+
+
+@task(name="score", **STAGE_TASK)
+def score(config: ScoreConfig, store_root: str, stats_key: str, partition_key: str,
+          force: bool = False) -> str:
+    from tasks.score import run_score
+
+    return run_cached("score", store_root,
+                      lambda s: run_score(config, s, stats_key, partition_key, force=force))
+
+
+@task(name="allocate", task_run_name="allocate-{method}-{config.sparsity}", **STAGE_TASK)
+def allocate(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
+             method: str, bias_compensation: bool, force: bool = False) -> str:
+    from tasks.allocate import run_allocate
+
+    return run_cached("plan", store_root, lambda s: run_allocate(
+        config, s, score_key, stats_key, method=method, bias_compensation=bias_compensation,
+        force=force))
+
+
+@task(name="surgery", **STAGE_TASK)
+def surgery(config: SurgeryConfig, store_root: str, plan_key: str, stats_key: str,
+            force: bool = False) -> str:
+    from tasks.surgery import run_surgery
+
+    return run_cached("surgery", store_root,
+                      lambda s: run_surgery(config, s, plan_key, stats_key, force=force))
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate(config: EvalConfig, store_root: str, model: str, model_fingerprint: str,
+             corpus_keys: dict[str, str], force: bool = False) -> str:
+    """``model``: a surgery key or the dense model spec (then ``model_fingerprint``
+    identifies its weights; for a surgery key it repeats the key)."""
+    from tasks.evaluate import run_evaluate
+
+    return run_cached("evaluate", store_root, lambda s: run_evaluate(
+        config, s, model, dict(corpus_keys), force=force))
+
+
+@task(name="report", **STAGE_TASK)
+def report(config: ReportConfig, store_root: str, eval_keys: list[str],
+           force: bool = False) -> str:
+    from tasks.report import run_report
+
+    return run_cached("report", store_root,
+                      lambda s: run_report(config, s, list(eval_keys), force=force))
+
+
+@task(name="publish-report", retries=2, retry_delay_seconds=5)
+def publish(report_dir: str) -> bool:
+    """Markdown and table artifacts of the report in the Prefect UI (API I/O)."""
+    from gprune.report.publish import publish_to_prefect
+
+    return publish_to_prefect(report_dir)
