@@ -1,0 +1,130 @@
+"""Benchmark: capture overhead versus the plain dense forward, on the same batches.
+
+Both paths run the decoder body (``model.base_model``, no LM head: capture never needs
+logits) with ``use_cache=False`` under inference mode, on identical token batches.
+The hooked path does per batch what ``capture_statistics`` does (hooked forward,
+then the NaN check; hooks are re-registered per batch, which costs well under a
+millisecond). Each batch runs plain and hooked back to back, in alternating order,
+so drift in machine load (a shared CPU) hits both alike.
+
+Prints tokens/s for both, peak memory, and as its last line
+``capture_throughput_ratio=<hooked/plain>`` (target >= 0.90).
+
+    python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2",
+                        help="model spec (smollm2, tiny:llama, a folder)")
+    parser.add_argument("--n", type=int, default=8, help="sequences per pass")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per forward")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each kind")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plain_forward(model, input_ids, attention_mask) -> None:
+    with torch.inference_mode():
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def hooked_forward(capture, input_ids, attention_mask) -> None:
+    """One batch exactly as capture_statistics runs it: hooked forward, then the NaN check."""
+    with capture:
+        capture.forward(input_ids, attention_mask)
+        capture.first_non_finite()
+
+
+def timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> float:
+    args = parse_args(argv)
+    from gprune.maths.capture import ActivationCapture
+    from gprune.models.loader import load_model, resolve_device, resolve_model
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    ref = resolve_model(args.model)
+    model, _, adapter = load_model(ref, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(0, model.config.vocab_size, (args.n, args.seq_len), generator=gen)
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids)
+    batches = [(input_ids[s:s + args.batch], attention_mask[s:s + args.batch])
+               for s in range(0, args.n, args.batch)]
+    capture = ActivationCapture(model, adapter)
+    plain = lambda b: plain_forward(model, *b)      # noqa: E731
+    hooked = lambda b: hooked_forward(capture, *b)  # noqa: E731
+    print(f"model={ref.spec} family={ref.family} device={device} threads={torch.get_num_threads()} "
+          f"tokens_per_pass={args.n * args.seq_len} batch={args.batch} repeats={args.repeats}")
+    peaks = measure_peaks(lambda: [plain(b) for b in batches],
+                          lambda: [hooked(b) for b in batches], device)   # also the warm-up
+    times: dict[str, list[float]] = {"plain": [], "hooked": []}
+    for repeat in range(args.repeats):   # same batch back to back, order alternating
+        for index, batch in enumerate(batches):
+            first_plain = (repeat + index) % 2 == 0
+            for name in (("plain", "hooked") if first_plain else ("hooked", "plain")):
+                fn = plain if name == "plain" else hooked
+                times[name].append(timed(lambda: fn(batch), device))
+    report(times, args.repeats * args.n * args.seq_len, peaks)
+    ratio = sum(times["plain"]) / sum(times["hooked"])
+    print(f"capture_throughput_ratio={ratio:.3f}")
+    return ratio
+
+
+def report(times: dict[str, list[float]], tokens: int, peaks: tuple[str, str]) -> None:
+    for name in ("plain", "hooked"):
+        print(f"{name}_tokens_per_s={tokens / sum(times[name]):.1f} "
+              f"(batch times {', '.join(f'{t:.2f}s' for t in times[name])})")
+    pair_ratios = [p / h for p, h in zip(times["plain"], times["hooked"])]
+    print(f"median_pair_ratio={statistics.median(pair_ratios):.3f}")
+    print(f"peak_memory_plain={peaks[0]} peak_memory_hooked={peaks[1]}")
+
+
+def measure_peaks(plain, hooked, device: str) -> tuple[str, str]:
+    """Peak memory of one pass of each (CUDA: allocated bytes; CPU: process peak RSS)."""
+    if device.startswith("cuda"):
+        peaks = []
+        for fn in (plain, hooked):
+            torch.cuda.reset_peak_memory_stats()
+            timed(fn, device)
+            peaks.append(f"{torch.cuda.max_memory_allocated() / 2**20:.0f}MiB")
+        return peaks[0], peaks[1]
+    timed(plain, device)
+    after_plain = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed(hooked, device)
+    after_hooked = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return f"{after_plain:.0f}MiB(rss)", f"{after_hooked:.0f}MiB(rss)"
+
+
+if __name__ == "__main__":
+    main()

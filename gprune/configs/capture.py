@@ -1,0 +1,53 @@
+"""Config of the capture stage (METHOD.md stage 1): one calibration pass over one source."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from gprune.configs.base import StageConfig
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class CaptureConfig(StageConfig):
+    """What to run through the dense model and how the statistics are defined.
+
+    ``device`` and ``batch_size`` are execution settings: they do not change the
+    statistics (beyond float rounding), so ``device`` is left out of the artifact key.
+    """
+
+    source: str = Field(min_length=1, description="name of the calibration source (a label)")
+    n_sequences: int = Field(32, gt=0, description="sequences sampled from the source")
+    seq_len: int = Field(512, gt=0, description="tokens per sequence")
+    batch_size: int = Field(4, gt=0, description="sequences per forward pass")
+    tau_act: float = Field(0.5, gt=0, allow_inf_nan=False,
+                           description="a channel is active at a token when |x_c| > tau_act * "
+                                       "RMS over the channels of that input vector")
+    seed: int = Field(0, ge=0, description="seed of the sequence sampler")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_a_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("source must be a non-blank name, e.g. 'wiki'")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """Key parameters: everything except the device the pass ran on."""
+        params = super().params()
+        params.pop("device")
+        return params
+
+    @property
+    def requested_tokens(self) -> int:
+        return self.n_sequences * self.seq_len

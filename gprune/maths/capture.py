@@ -1,0 +1,249 @@
+"""Stage 1 maths: hook a dense model and accumulate per-channel activation statistics.
+
+``ActivationCapture`` hooks, in every decoder layer (found through the family
+adapter, never by attribute name here):
+
+- the input of the MLP output projection (``kind="mlp"``: one channel per MLP unit),
+- the input of the attention output projection (``kind="attn"``: ``heads * head_dim``
+  channels, head h owning channels ``h*head_dim .. (h+1)*head_dim - 1``; under GQA these
+  are still per *query* head),
+- the decoder layer's input and output hidden states (per-token cosine).
+
+Only the non-padding tokens of each batch enter the statistics: the attention mask
+is turned once per forward into the list of flat row indices to keep. Hooks are
+registered on ``__enter__`` and always removed on ``__exit__``. Nothing but the
+running sums (see ``gprune.maths.moments``) outlives a forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gprune.errors import GpruneError
+from gprune.maths.moments import ChannelMoments, CosineSum, Workspace
+from gprune.models.adapters import FamilyAdapter
+
+KINDS = ("mlp", "attn")
+
+
+class NonFiniteActivationError(GpruneError):
+    """A NaN or inf reached a hooked activation."""
+
+
+class ActivationCapture:
+    """Context manager: hooks in place inside ``with``; feed batches with ``forward``."""
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, tau_act: float = 0.5):
+        self.model = model
+        self.adapter = adapter
+        self.layers = adapter.decoder_layers(model)
+        device = next(model.parameters()).device
+        self.workspace = Workspace(device)
+        self.moments: dict[str, list[ChannelMoments]] = {
+            "mlp": [ChannelMoments(adapter.mlp_output(l).in_features, tau_act, device)
+                    for l in self.layers],
+            "attn": [ChannelMoments(adapter.attn_output(l).in_features, tau_act, device)
+                     for l in self.layers],
+        }
+        self.cosines = [CosineSum(device) for _ in self.layers]
+        self.tokens = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._rows: torch.Tensor | None = None   # flat indices of the non-padding tokens
+        self._feeding = False
+        self._layer_in: tuple[torch.Tensor, torch.Tensor] | None = None   # (n, H) f64, (n,)
+        self._last_output: tuple[torch.Tensor | None, tuple, int] = (None, (), 0)
+
+    # ---- hook lifetime -----------------------------------------------------
+    def __enter__(self) -> "ActivationCapture":
+        try:
+            for index, layer in enumerate(self.layers):
+                self._track(layer.register_forward_pre_hook(
+                    partial(self._on_layer_input, index), with_kwargs=True))
+                self._track(layer.register_forward_hook(partial(self._on_layer_output, index)))
+                for kind, module in (("attn", self.adapter.attn_output(layer)),
+                                     ("mlp", self.adapter.mlp_output(layer))):
+                    self._track(module.register_forward_pre_hook(
+                        partial(self._on_channels, self.moments[kind][index])))
+        except BaseException:
+            self.remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove_hooks()
+
+    def _track(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    # ---- feeding -------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """Run the decoder body on one batch (B, T); return the non-padding tokens it added."""
+        if not self._handles:
+            raise RuntimeError("ActivationCapture.forward needs the hooks: use it inside `with`")
+        device = self.workspace.device
+        mask = attention_mask.to(device=device, dtype=torch.bool)            # (B, T)
+        kept_columns = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 0
+        if kept_columns == 0:
+            return 0
+        # trailing all-padding columns cannot influence earlier tokens of a causal model
+        mask = mask[:, :kept_columns]
+        input_ids = input_ids[:, :kept_columns].to(device)
+        flat = mask.reshape(-1)                                               # (B*T,)
+        self._rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # (n,)
+        self._feeding = True
+        try:
+            self.model.base_model(input_ids=input_ids, attention_mask=mask.long(),
+                                  use_cache=False)
+        finally:
+            self._feeding = False
+            self._rows = None
+            self._layer_in, self._last_output = None, (None, (), 0)
+        added = int(flat.sum())
+        self.tokens += added
+        return added
+
+    def _select(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (n, C): the non-padding tokens, in a reused buffer when gathering."""
+        flat = hidden.reshape(-1, hidden.shape[-1])                            # (B*T, C)
+        if self._rows is None:
+            return flat
+        out = self.workspace.buffer("capture.select", (self._rows.numel(), flat.shape[1]),
+                                    flat.dtype)
+        return torch.index_select(flat, 0, self._rows, out=out)
+
+    def _on_channels(self, moments: ChannelMoments, module: nn.Module, args: tuple) -> None:
+        if self._feeding:
+            with _serial_on_cpu(self.workspace.device):
+                moments.update(self._select(args[0]), self.workspace)
+
+    def _hidden_copy(self, hidden: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-padding rows of a hidden state in float64 (n, H), and their norms (n,)."""
+        rows = self._select(hidden)
+        copy = self.workspace.buffer(f"capture.hidden{slot}", tuple(rows.shape), torch.float64)
+        copy.copy_(rows)
+        return copy, torch.linalg.vector_norm(copy, dim=1)
+
+    def _on_layer_input(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._feeding:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        last_hidden, last_copy, last_slot = self._last_output
+        if hidden is last_hidden:   # the previous layer's output: its copy is still there
+            self._layer_in, self._in_slot = last_copy, last_slot
+        else:
+            self._in_slot = 0
+            with _serial_on_cpu(self.workspace.device):
+                self._layer_in = self._hidden_copy(hidden, self._in_slot)
+
+    def _on_layer_output(self, index: int, module: nn.Module, args: tuple, output) -> None:
+        if not self._feeding or self._layer_in is None:
+            return
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        out_slot = 1 - self._in_slot
+        with _serial_on_cpu(self.workspace.device):
+            hidden_out, norm_out = self._hidden_copy(hidden, out_slot)
+            self.cosines[index].update(*self._layer_in, hidden_out, norm_out, self.workspace)
+        self._last_output = (hidden, (hidden_out, norm_out), out_slot)
+
+    # ---- results -------------------------------------------------------------
+    def first_non_finite(self) -> tuple[int, str] | None:
+        """(layer, what) of the first NaN/inf seen, in forward order; None if all finite.
+
+        One host synchronization for the whole model.
+        """
+        checks = [(i, what, acc.finite()) for i in range(len(self.layers))
+                  for what, acc in (("attention output-projection input", self.moments["attn"][i]),
+                                    ("MLP output-projection input", self.moments["mlp"][i]),
+                                    ("output hidden state", self.cosines[i]))]
+        finite = torch.stack([ok for _, _, ok in checks]).cpu().tolist()
+        for (layer, what, _), ok in zip(checks, finite):
+            if not ok:
+                return layer, what
+        return None
+
+    def channel_frame(self) -> pd.DataFrame:
+        """One row per (layer, kind, channel); columns as in the capture artifact."""
+        parts = []
+        for index in range(len(self.layers)):
+            for kind in KINDS:
+                acc = self.moments[kind][index]
+                parts.append(pd.DataFrame({
+                    "layer": np.full(acc.channels, index, dtype=np.int32),
+                    "kind": [kind] * acc.channels,
+                    "channel": np.arange(acc.channels, dtype=np.int32),
+                    "count": np.full(acc.channels, acc.count, dtype=np.int64),
+                    "sum": acc.sum.cpu().numpy(), "sumsq": acc.sumsq.cpu().numpy(),
+                    "sum_abs": acc.sum_abs.cpu().numpy(),
+                    "active": acc.active_counts().cpu().numpy(),
+                }))
+        return pd.concat(parts, ignore_index=True)
+
+    def layer_frame(self) -> pd.DataFrame:
+        """One row per decoder layer: cosine_sum, cosine_count."""
+        return pd.DataFrame({
+            "layer": np.arange(len(self.layers), dtype=np.int32),
+            "cosine_sum": np.array([c.total.item() for c in self.cosines], dtype=np.float64),
+            "cosine_count": np.array([c.count for c in self.cosines], dtype=np.int64),
+        })
+
+
+@contextlib.contextmanager
+def _serial_on_cpu(device: torch.device) -> Iterator[None]:
+    """On a CPU, run the hook's statistics on one intra-op thread.
+
+    They are many small, cache-sized operations: forking threads for each costs more
+    than it saves, and on a loaded machine every parallel region can stall on a
+    descheduled thread (measured: tens of times slower). The model keeps its threads.
+    """
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+@dataclass
+class CaptureResult:
+    channels: pd.DataFrame
+    layers: pd.DataFrame
+    tokens: int
+
+
+def capture_statistics(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor, batch_size: int, tau_act: float = 0.5,
+                       label: str = "", progress: bool = True) -> CaptureResult:
+    """Run ``input_ids`` (N, L) through the model in batches; return the accumulated statistics.
+
+    Raises NonFiniteActivationError naming the layer (and ``label``, the source) as soon
+    as a batch brings a NaN or inf into any hooked activation of a real token.
+    """
+    n_rows = int(input_ids.shape[0])
+    bar = tqdm(total=int(attention_mask.sum()), unit="tok", disable=not progress,
+               desc=f"capture {label}".strip())
+    with ActivationCapture(model, adapter, tau_act) as capture, bar:
+        for start in range(0, n_rows, batch_size):
+            stop = start + batch_size
+            bar.update(capture.forward(input_ids[start:stop], attention_mask[start:stop]))
+            bad = capture.first_non_finite()
+            if bad is not None:
+                where = f" of source {label!r}" if label else ""
+                raise NonFiniteActivationError(
+                    f"NaN or inf in the {bad[1]} of layer {bad[0]}{where}; check the model "
+                    "weights and load the model in float32")
+        return CaptureResult(capture.channel_frame(), capture.layer_frame(), capture.tokens)

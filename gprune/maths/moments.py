@@ -1,0 +1,135 @@
+"""Running float64 statistics of activations, without keeping the activations.
+
+``ChannelMoments`` accumulates, per input channel c of one linear layer, over the
+tokens it is fed (rows of an ``(n, C)`` tensor):
+
+- ``count``   number of tokens (the same for every channel),
+- ``sum``     sum of x_c,           ``sumsq``   sum of x_c^2,
+- ``sum_abs`` sum of |x_c|,
+- ``active``  number of tokens with |x_c| > tau_act * RMS_t, where RMS_t is the root
+  mean square over the C channels of that same input vector at that token
+  (sqrt(mean_c x_tc^2)). So "active" is relative to the token's own activation
+  scale: a channel carrying a fair share of the vector's energy counts as firing.
+
+``CosineSum`` accumulates, for one decoder layer, the per-token cosine between the
+hidden state entering and leaving the layer (sum and count; mean = sum / count).
+
+Everything is computed in float64 (sums are matrix-vector products with a ones
+vector). Both work on whatever device their tensors live on and do no host
+synchronization. Temporaries go through a ``Workspace`` of reused buffers: fresh
+multi-megabyte allocations per call cost more than the reductions themselves on a CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Rows are processed in chunks of about this many elements: on a CPU a chunk that stays in
+# the L2 cache (64K float64 = 512 KiB) makes the successive passes nearly free; on a GPU
+# big chunks keep the launch count low (16M float64 = 128 MiB of workspace at most).
+CPU_CHUNK_ELEMENTS = 1 << 16
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk_elements(device: torch.device | str) -> int:
+    return CPU_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
+class Workspace:
+    """Named flat buffers, grown on demand and reused; views are handed out by shape."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._ones: torch.Tensor | None = None
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self._buffers.get((name, dtype))
+        if flat is None or flat.numel() < numel:
+            flat = torch.empty(numel, dtype=dtype, device=self.device)
+            self._buffers[(name, dtype)] = flat
+        return flat[:numel].view(shape)
+
+    def ones(self, n: int) -> torch.Tensor:
+        """A float64 vector of n ones, (n,) (a view: never write to it)."""
+        if self._ones is None or self._ones.numel() < n:
+            self._ones = torch.ones(n, dtype=torch.float64, device=self.device)
+        return self._ones[:n]
+
+
+class ChannelMoments:
+    """Count, sum, sum of squares, sum of |x| and active count per channel, in float64."""
+
+    def __init__(self, channels: int, tau_act: float, device: torch.device | str,
+                 chunk_elements: int | None = None):
+        self.channels = channels
+        self.tau_act = float(tau_act)
+        chunk_elements = chunk_elements or default_chunk_elements(device)
+        self.chunk_rows = max(1, chunk_elements // channels)
+        zeros = dict(dtype=torch.float64, device=device)
+        self.count = 0
+        self.sum = torch.zeros(channels, **zeros)        # (C,)
+        self.sumsq = torch.zeros(channels, **zeros)      # (C,)
+        self.sum_abs = torch.zeros(channels, **zeros)    # (C,)
+        self.active = torch.zeros(channels, **zeros)     # (C,) integer counts, exact in float64
+
+    def update(self, rows: torch.Tensor, workspace: Workspace) -> None:
+        """Add the tokens of ``rows`` (n, C), any float dtype, to the statistics."""
+        for start in range(0, rows.shape[0], self.chunk_rows):
+            self._update_chunk(rows[start:start + self.chunk_rows], workspace)
+        self.count += int(rows.shape[0])
+
+    def _update_chunk(self, chunk: torch.Tensor, workspace: Workspace) -> None:
+        """Everything in float64, in one reused buffer that successive ops overwrite."""
+        m = chunk.shape[0]
+        ones = workspace.ones(m)                                                     # (m,)
+        x = workspace.buffer("moments.x", tuple(chunk.shape), torch.float64).copy_(chunk)
+        self.sum.addmv_(x.t(), ones)                                                 # (C,)
+        self.sum_abs.addmv_(x.abs_().t(), ones)
+        self.sumsq.addmv_(x.square_().t(), ones)
+        # |x| > tau * RMS_t  <=>  x^2 > tau^2 * mean_c x^2 at token t; threshold (m, 1)
+        threshold = torch.mv(x, workspace.ones(self.channels)).mul_(self.tau_act ** 2
+                                                                   / self.channels)
+        self.active.addmv_(torch.gt(x, threshold.unsqueeze(1), out=x).t(), ones)
+
+    # ---- derived -----------------------------------------------------------
+    def mean(self) -> torch.Tensor:
+        """(C,) mean of x_c."""
+        return self.sum / max(self.count, 1)
+
+    def var(self) -> torch.Tensor:
+        """(C,) population variance of x_c."""
+        return (self.sumsq / max(self.count, 1) - self.mean() ** 2).clamp_min(0.0)
+
+    def active_counts(self) -> torch.Tensor:
+        """(C,) int64 number of tokens where the channel was active."""
+        return self.active.round().long()
+
+    def finite(self) -> torch.Tensor:
+        """0-dim bool: no NaN or inf ever entered (sums of x^2 carry any NaN/inf on)."""
+        return torch.isfinite(self.sumsq).all()
+
+
+class CosineSum:
+    """Sum and count of per-token cosines between a layer's input and output hidden states."""
+
+    def __init__(self, device: torch.device | str):
+        self.count = 0
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, hidden_in: torch.Tensor, norm_in: torch.Tensor, hidden_out: torch.Tensor,
+               norm_out: torch.Tensor, workspace: Workspace) -> None:
+        """Add tokens: float64 hidden states (n, H) with their norms (n,).
+
+        The norms are passed in because a layer's output is the next layer's input.
+        """
+        n, width = hidden_in.shape
+        product = workspace.buffer("cosine.product", (n, width), torch.float64)
+        dot = torch.mv(torch.mul(hidden_in, hidden_out, out=product), workspace.ones(width))  # (n,)
+        self.total += (dot / (norm_in * norm_out).clamp_min(1e-300)).sum()
+        self.count += int(hidden_in.shape[0])
+
+    def finite(self) -> torch.Tensor:
+        return torch.isfinite(self.total)

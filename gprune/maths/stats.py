@@ -1,0 +1,148 @@
+"""Stage 2 maths: per-unit base metrics, per-source ranks, sensitivity, magnitude, frequency.
+
+Pure functions on tensors / arrays (the only model access, ``layer_weights``, goes
+through the family adapter). Units: an MLP channel, or a query head whose score
+aggregates its ``head_dim`` input channels of the attention output projection.
+
+Per channel c with input statistics (count n, sum, sum of squares) and output
+projection W_out (out, C):
+
+- wanda_sp(c) = RMS(x_c) * mean_i |W_out[i, c]|,  RMS = sqrt(sumsq / n), so sources
+  with different token counts compare;
+- flap(c)     = Var[x_c] * ||W_out[:, c]||^2,  Var the population variance;
+- a head's score is the sum over its channels.
+
+Within one layer and unit kind, with s(u, d) the score of unit u on source d:
+
+- rank r(u, d): average rank (ties averaged) scaled to [0, 1], highest score -> 1
+  (a lone unit gets 1);
+- sensitivity: population standard deviation over d of r(u, d) (NaN for one source);
+- magnitude: mean over d of s(u, d) / mean_u s(., d) (0 where that mean is 0);
+- pooled: the metric from the statistics summed over all sources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+from gprune.models.adapters import FamilyAdapter
+
+METRICS = ("wanda_sp", "flap")
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """The weights one layer's unit scores need, float64 on the CPU."""
+
+    mlp_out: torch.Tensor               # (hidden, I)
+    mlp_in: tuple[torch.Tensor, ...]    # each (I, hidden): (gate, up) or (fc_in,)
+    attn_out: torch.Tensor              # (hidden, H * head_dim)
+    attn_q: torch.Tensor                # (H * head_dim, hidden)
+
+
+def layer_weights(model: nn.Module, adapter: FamilyAdapter) -> list[LayerWeights]:
+    """Per decoder layer, the projections that define its units (found via the adapter)."""
+    def f64(linear: nn.Linear) -> torch.Tensor:
+        return linear.weight.detach().to("cpu", torch.float64)
+
+    return [LayerWeights(mlp_out=f64(adapter.mlp_output(layer)),
+                         mlp_in=tuple(f64(m) for m in adapter.mlp_inputs(layer)),
+                         attn_out=f64(adapter.attn_output(layer)),
+                         attn_q=f64(adapter.attn_qkv(layer)[0]))
+            for layer in adapter.decoder_layers(model)]
+
+
+# ---- per-channel moments ------------------------------------------------------
+def channel_rms(sumsq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(C,) root mean square of each channel."""
+    return torch.sqrt(sumsq / count.clamp_min(1))
+
+
+def channel_var(total: torch.Tensor, sumsq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(C,) population variance of each channel (clamped at 0 against rounding)."""
+    n = count.clamp_min(1)
+    return (sumsq / n - (total / n) ** 2).clamp_min(0.0)
+
+
+# ---- base metrics per channel -------------------------------------------------
+def wanda_sp_channels(rms: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """(C,) RMS(x_c) * mean_i |W_out[i, c]|; w_out (out, C)."""
+    return rms * w_out.abs().mean(dim=0)
+
+
+def flap_channels(var: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """(C,) Var[x_c] * ||W_out[:, c]||^2; w_out (out, C)."""
+    return var * w_out.square().sum(dim=0)
+
+
+def channel_metric(metric: str, total: torch.Tensor, sumsq: torch.Tensor, count: torch.Tensor,
+                   w_out: torch.Tensor) -> torch.Tensor:
+    """(C,) one base metric from a channel block's statistics."""
+    if metric == "wanda_sp":
+        return wanda_sp_channels(channel_rms(sumsq, count), w_out)
+    if metric == "flap":
+        return flap_channels(channel_var(total, sumsq, count), w_out)
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def heads_sum(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(H * head_dim,) -> (H,): a query head aggregates its head_dim channels by summing."""
+    return per_channel.reshape(-1, head_dim).sum(dim=1)
+
+
+def heads_mean(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(H * head_dim,) -> (H,) mean over each head's channels."""
+    return per_channel.reshape(-1, head_dim).mean(dim=1)
+
+
+# ---- weight-only scores -------------------------------------------------------
+def mlp_weight_scores(w_out: torch.Tensor, w_in: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(I,) ||W_out[:, u]|| * sqrt(||W_gate[u]|| * ||W_up[u]||), or ||W_out[:, u]|| * ||W_in[u]||.
+
+    w_out (hidden, I); w_in one or two (I, hidden) matrices (geometric mean of their row norms).
+    """
+    out_norms = torch.linalg.vector_norm(w_out, dim=0)                         # (I,)
+    in_norms = torch.stack([torch.linalg.vector_norm(w, dim=1) for w in w_in])  # (k, I)
+    return out_norms * in_norms.prod(dim=0) ** (1.0 / len(w_in))
+
+
+def head_weight_scores(w_o: torch.Tensor, w_q: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(H,) ||W_o[:, head columns]||_F * ||W_q[head rows]||_F.
+
+    w_o (hidden, H * head_dim), w_q (H * head_dim, hidden).
+    """
+    o_sq = heads_sum(w_o.square().sum(dim=0), head_dim)                        # (H,)
+    q_sq = heads_sum(w_q.square().sum(dim=1), head_dim)                        # (H,)
+    return torch.sqrt(o_sq) * torch.sqrt(q_sq)
+
+
+# ---- ranks across sources -------------------------------------------------------
+def scaled_rank(scores: np.ndarray) -> np.ndarray:
+    """(U,) ranks in [0, 1] among the units, highest score -> 1, ties averaged."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 1:
+        return np.ones(1)
+    return (rankdata(scores, method="average") - 1.0) / (scores.size - 1)
+
+
+def rank_matrix(scores: np.ndarray) -> np.ndarray:
+    """(U, D) scores -> (U, D) per-source scaled ranks."""
+    return np.stack([scaled_rank(scores[:, d]) for d in range(scores.shape[1])], axis=1)
+
+
+def sensitivity(ranks: np.ndarray) -> np.ndarray:
+    """(U, D) ranks -> (U,) population std over sources; NaN with a single source."""
+    if ranks.shape[1] < 2:
+        return np.full(ranks.shape[0], np.nan)
+    return ranks.std(axis=1, ddof=0)
+
+
+def magnitude(scores: np.ndarray) -> np.ndarray:
+    """(U, D) scores -> (U,) mean over sources of score / the layer's mean score."""
+    layer_mean = scores.mean(axis=0, keepdims=True)                            # (1, D)
+    ratio = np.divide(scores, layer_mean, out=np.zeros_like(scores), where=layer_mean > 0)
+    return ratio.mean(axis=1)

@@ -1,0 +1,116 @@
+"""Stage 2 tables: per-source capture frames + layer weights -> units / channels / layers frames.
+
+Input frames are the capture artifacts' tables (see ``tasks/capture.py``), one per
+source, all of the same model. Output columns are documented in ``tasks/stats.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gprune.maths.stats import (LayerWeights, channel_metric, channel_var, head_weight_scores,
+                                heads_mean, heads_sum, magnitude, mlp_weight_scores,
+                                rank_matrix, sensitivity)
+
+KINDS = ("mlp", "attn")
+_MOMENTS = ("count", "sum", "sumsq", "sum_abs", "active")
+
+
+@dataclass(frozen=True)
+class ChannelBlock:
+    """Statistics of one (layer, kind) block of channels, float64 tensors (C,)."""
+
+    count: torch.Tensor
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    sum_abs: torch.Tensor
+    active: torch.Tensor
+
+    @staticmethod
+    def pool(blocks: list["ChannelBlock"]) -> "ChannelBlock":
+        """The statistics of all sources together (sums of the sums)."""
+        return ChannelBlock(*(torch.stack([getattr(b, f) for b in blocks]).sum(0)
+                              for f in _MOMENTS))
+
+
+def channel_blocks(channels: pd.DataFrame) -> dict[tuple[int, str], ChannelBlock]:
+    """Split one capture's channels frame into blocks keyed by (layer, kind), channel order."""
+    blocks = {}
+    for (layer, kind), part in channels.groupby(["layer", "kind"], sort=False):
+        part = part.sort_values("channel")
+        blocks[(int(layer), str(kind))] = ChannelBlock(*(
+            torch.tensor(part[f].to_numpy(dtype=np.float64)) for f in _MOMENTS))
+    return blocks
+
+
+def _block_keys(num_layers: int) -> list[tuple[int, str]]:
+    return [(layer, kind) for layer in range(num_layers) for kind in KINDS]
+
+
+def unit_columns(kind: str, blocks: list[ChannelBlock], weights: LayerWeights, head_dim: int,
+                 metrics: tuple[str, ...]) -> dict[str, object]:
+    """Columns of one (layer, kind): weight_score, freq and the metric columns, per unit."""
+    w_out = weights.mlp_out if kind == "mlp" else weights.attn_out
+    if kind == "mlp":
+        to_units, mean_to_units = (lambda v: v), (lambda v: v)
+        weight_score = mlp_weight_scores(weights.mlp_out, weights.mlp_in)
+    else:
+        to_units = lambda v: heads_sum(v, head_dim)        # noqa: E731
+        mean_to_units = lambda v: heads_mean(v, head_dim)  # noqa: E731
+        weight_score = head_weight_scores(weights.attn_out, weights.attn_q, head_dim)
+    freq = torch.stack([mean_to_units(b.active / b.count.clamp_min(1)) for b in blocks]).mean(0)
+    columns: dict[str, object] = {"weight_score": weight_score.numpy(), "freq": freq.numpy()}
+    pooled = ChannelBlock.pool(blocks)
+    for metric in metrics:
+        scores = np.stack([to_units(channel_metric(metric, b.sum, b.sumsq, b.count, w_out)).numpy()
+                           for b in blocks], axis=1)                           # (U, D)
+        ranks = rank_matrix(scores)                                            # (U, D)
+        columns[metric] = list(scores)
+        columns[f"{metric}_rank"] = list(ranks)
+        columns[f"{metric}_sensitivity"] = sensitivity(ranks)
+        columns[f"{metric}_magnitude"] = magnitude(scores)
+        columns[f"{metric}_pooled"] = to_units(channel_metric(
+            metric, pooled.sum, pooled.sumsq, pooled.count, w_out)).numpy()
+    return columns
+
+
+def units_table(per_source: list[pd.DataFrame], weights: list[LayerWeights], head_dim: int,
+                metrics: tuple[str, ...]) -> pd.DataFrame:
+    """One row per (layer, kind, unit), layers ascending, mlp before attn, units ascending."""
+    sources = [channel_blocks(frame) for frame in per_source]
+    parts = []
+    for layer, kind in _block_keys(len(weights)):
+        columns = unit_columns(kind, [s[(layer, kind)] for s in sources], weights[layer],
+                               head_dim, metrics)
+        n_units = len(columns["freq"])
+        parts.append(pd.DataFrame({"layer": np.full(n_units, layer, dtype=np.int32),
+                                   "kind": [kind] * n_units,
+                                   "unit": np.arange(n_units, dtype=np.int32), **columns}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def pooled_channels(per_source: list[pd.DataFrame]) -> pd.DataFrame:
+    """layer, kind, channel, count, mean, var over all sources (population variance)."""
+    sources = [channel_blocks(frame) for frame in per_source]
+    parts = []
+    for (layer, kind) in sources[0]:
+        pooled = ChannelBlock.pool([s[(layer, kind)] for s in sources])
+        n = pooled.count.clamp_min(1)
+        parts.append(pd.DataFrame({
+            "layer": np.full(len(n), layer, dtype=np.int32), "kind": [kind] * len(n),
+            "channel": np.arange(len(n), dtype=np.int32),
+            "count": pooled.count.numpy().astype(np.int64), "mean": (pooled.sum / n).numpy(),
+            "var": channel_var(pooled.sum, pooled.sumsq, pooled.count).numpy()}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def pooled_layers(per_source: list[pd.DataFrame]) -> pd.DataFrame:
+    """layer, cosine: the mean per-token cosine over all sources' tokens."""
+    stacked = (pd.concat(per_source).groupby("layer", sort=True)
+               [["cosine_sum", "cosine_count"]].sum())
+    cosine = stacked["cosine_sum"] / stacked["cosine_count"].clip(lower=1)
+    return pd.DataFrame({"layer": stacked.index.to_numpy(dtype=np.int32),
+                         "cosine": cosine.to_numpy(dtype=np.float64)})
