@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from gprune.errors import AssetError
 from gprune.models.adapters import FamilyAdapter, adapter_for
 
 CACHE_ENV = "GPRUNE_CACHE"
+MODEL_LOAD_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -91,8 +93,9 @@ def load_model(ref: ModelRef | str | Path, device: str = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = ref.path if isinstance(ref, ModelRef) else _local_folder(str(ref))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with MODEL_LOAD_LOCK:  # from_pretrained's meta-device init patches torch globally: not thread-safe
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer, adapter_for(model.config)

@@ -139,8 +139,11 @@ def load_pruned(folder: str | Path, device: str = "cpu", dtype: torch.dtype = to
         raise ArtifactError(f"{folder} has no gprune_layers in config.json; it is not a "
                             "pruned checkpoint (load it with gprune.models.loader.load_model)")
     adapter = adapter_for(config)
-    model = pruned_class(adapter).from_pretrained(folder, config=config, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    from gprune.models.loader import MODEL_LOAD_LOCK
+
+    with MODEL_LOAD_LOCK:  # from_pretrained is not thread-safe (global meta-device patching)
+        model = pruned_class(adapter).from_pretrained(folder, config=config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer, adapter
