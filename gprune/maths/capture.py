@@ -7,7 +7,8 @@ adapter, never by attribute name here):
 - the input of the attention output projection (``kind="attn"``: ``heads * head_dim``
   channels, head h owning channels ``h*head_dim .. (h+1)*head_dim - 1``; under GQA these
   are still per *query* head),
-- the decoder layer's input and output hidden states (per-token cosine).
+- the decoder layer's input and output hidden states (per-token cosine; a forward
+  hook reads both after the layer ran).
 
 Only the non-padding tokens of each batch enter the statistics: the attention mask
 is turned once per forward into the list of flat row indices to keep. Hooks are
@@ -58,16 +59,14 @@ class ActivationCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._rows: torch.Tensor | None = None   # flat indices of the non-padding tokens
         self._feeding = False
-        self._layer_in: tuple[torch.Tensor, torch.Tensor] | None = None   # (n, H) f64, (n,)
-        self._last_output: tuple[torch.Tensor | None, tuple, int] = (None, (), 0)
+        self._last_output: tuple = (None, None, None)   # previous layer: output, rows, norms
 
     # ---- hook lifetime -----------------------------------------------------
     def __enter__(self) -> "ActivationCapture":
         try:
             for index, layer in enumerate(self.layers):
-                self._track(layer.register_forward_pre_hook(
-                    partial(self._on_layer_input, index), with_kwargs=True))
-                self._track(layer.register_forward_hook(partial(self._on_layer_output, index)))
+                self._track(layer.register_forward_hook(partial(self._on_layer, index),
+                                                        with_kwargs=True))
                 for kind, module in (("attn", self.adapter.attn_output(layer)),
                                      ("mlp", self.adapter.mlp_output(layer))):
                     self._track(module.register_forward_pre_hook(
@@ -110,18 +109,17 @@ class ActivationCapture:
         finally:
             self._feeding = False
             self._rows = None
-            self._layer_in, self._last_output = None, (None, (), 0)
+            self._last_output = (None, None, None)
         added = int(flat.sum())
         self.tokens += added
         return added
 
-    def _select(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> (n, C): the non-padding tokens, in a reused buffer when gathering."""
+    def _select(self, hidden: torch.Tensor, buffer: str = "capture.select") -> torch.Tensor:
+        """(B, T, C) -> (n, C): the non-padding tokens (gathered into a reused buffer)."""
         flat = hidden.reshape(-1, hidden.shape[-1])                            # (B*T, C)
         if self._rows is None:
             return flat
-        out = self.workspace.buffer("capture.select", (self._rows.numel(), flat.shape[1]),
-                                    flat.dtype)
+        out = self.workspace.buffer(buffer, (self._rows.numel(), flat.shape[1]), flat.dtype)
         return torch.index_select(flat, 0, self._rows, out=out)
 
     def _on_channels(self, moments: ChannelMoments, module: nn.Module, args: tuple) -> None:
@@ -129,34 +127,29 @@ class ActivationCapture:
             with _serial_on_cpu(self.workspace.device):
                 moments.update(self._select(args[0]), self.workspace)
 
-    def _hidden_copy(self, hidden: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Non-padding rows of a hidden state in float64 (n, H), and their norms (n,)."""
-        rows = self._select(hidden)
-        copy = self.workspace.buffer(f"capture.hidden{slot}", tuple(rows.shape), torch.float64)
-        copy.copy_(rows)
-        return copy, torch.linalg.vector_norm(copy, dim=1)
+    def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict,
+                  output) -> None:
+        """Forward hook of a decoder layer: per-token cosine between its input and output.
 
-    def _on_layer_input(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        Reads the input after the layer ran: HF decoder layers never modify their input
+        in place (checked for every supported family). A layer's output is the next
+        layer's input, so its rows and norms are reused.
+        """
         if not self._feeding:
             return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        last_hidden, last_copy, last_slot = self._last_output
-        if hidden is last_hidden:   # the previous layer's output: its copy is still there
-            self._layer_in, self._in_slot = last_copy, last_slot
-        else:
-            self._in_slot = 0
-            with _serial_on_cpu(self.workspace.device):
-                self._layer_in = self._hidden_copy(hidden, self._in_slot)
-
-    def _on_layer_output(self, index: int, module: nn.Module, args: tuple, output) -> None:
-        if not self._feeding or self._layer_in is None:
-            return
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        out_slot = 1 - self._in_slot
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        hidden_out = output[0] if isinstance(output, (tuple, list)) else output
+        last_out, last_rows, last_norm = self._last_output
         with _serial_on_cpu(self.workspace.device):
-            hidden_out, norm_out = self._hidden_copy(hidden, out_slot)
-            self.cosines[index].update(*self._layer_in, hidden_out, norm_out, self.workspace)
-        self._last_output = (hidden, (hidden_out, norm_out), out_slot)
+            if hidden_in is last_out:
+                rows_in, norm_in = last_rows, last_norm
+            else:
+                rows_in = self._select(hidden_in, "capture.layer_in")
+                norm_in = row_norms(rows_in)
+            rows_out = self._select(hidden_out, f"capture.layer_out{index % 2}")
+            norm_out = row_norms(rows_out)
+            self.cosines[index].update(rows_in, norm_in, rows_out, norm_out, self.workspace)
+        self._last_output = (hidden_out, rows_out, norm_out)
 
     # ---- results -------------------------------------------------------------
     def first_non_finite(self) -> tuple[int, str] | None:
@@ -198,6 +191,12 @@ class ActivationCapture:
             "cosine_sum": np.array([c.total.item() for c in self.cosines], dtype=np.float64),
             "cosine_count": np.array([c.count for c in self.cosines], dtype=np.int64),
         })
+
+
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """(n, H) -> (n,) Euclidean norms, computed in float32 at least."""
+    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
 
 
 @contextlib.contextmanager

@@ -36,23 +36,31 @@ METRICS = ("wanda_sp", "flap")
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """The weights one layer's unit scores need, float64 on the CPU."""
+    """The weights one layer's unit scores need."""
 
     mlp_out: torch.Tensor               # (hidden, I)
     mlp_in: tuple[torch.Tensor, ...]    # each (I, hidden): (gate, up) or (fc_in,)
     attn_out: torch.Tensor              # (hidden, H * head_dim)
     attn_q: torch.Tensor                # (H * head_dim, hidden)
 
+    def float64(self) -> "LayerWeights":
+        """A float64 CPU copy (made one layer at a time, so a whole model never is)."""
+        def f64(weight: torch.Tensor) -> torch.Tensor:
+            return weight.detach().to("cpu", torch.float64)
+
+        return LayerWeights(f64(self.mlp_out), tuple(f64(w) for w in self.mlp_in),
+                            f64(self.attn_out), f64(self.attn_q))
+
 
 def layer_weights(model: nn.Module, adapter: FamilyAdapter) -> list[LayerWeights]:
-    """Per decoder layer, the projections that define its units (found via the adapter)."""
-    def f64(linear: nn.Linear) -> torch.Tensor:
-        return linear.weight.detach().to("cpu", torch.float64)
+    """Per decoder layer, the projections that define its units (found via the adapter).
 
-    return [LayerWeights(mlp_out=f64(adapter.mlp_output(layer)),
-                         mlp_in=tuple(f64(m) for m in adapter.mlp_inputs(layer)),
-                         attn_out=f64(adapter.attn_output(layer)),
-                         attn_q=f64(adapter.attn_qkv(layer)[0]))
+    The tensors are the model's own (no copy); use ``LayerWeights.float64`` per layer.
+    """
+    return [LayerWeights(mlp_out=adapter.mlp_output(layer).weight,
+                         mlp_in=tuple(m.weight for m in adapter.mlp_inputs(layer)),
+                         attn_out=adapter.attn_output(layer).weight,
+                         attn_q=adapter.attn_qkv(layer)[0].weight)
             for layer in adapter.decoder_layers(model)]
 
 

@@ -53,6 +53,7 @@ def _block_keys(num_layers: int) -> list[tuple[int, str]]:
 def unit_columns(kind: str, blocks: list[ChannelBlock], weights: LayerWeights, head_dim: int,
                  metrics: tuple[str, ...]) -> dict[str, object]:
     """Columns of one (layer, kind): weight_score, freq and the metric columns, per unit."""
+    weights = weights.float64()
     w_out = weights.mlp_out if kind == "mlp" else weights.attn_out
     if kind == "mlp":
         to_units, mean_to_units = (lambda v: v), (lambda v: v)
