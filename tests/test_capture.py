@@ -15,11 +15,11 @@ TAU = 0.5
 
 
 def _tokens(n=5, length=24, seed=1):
-    """Random ids with right padding of different lengths, one all-padding row."""
+    """Random ids: rows 0-1 full, 2-3 right-padded (a pair with padded tail columns), 4 empty."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (n, length), generator=gen)
     mask = torch.ones(n, length, dtype=torch.long)
-    mask[1, 10:] = 0
+    mask[2, 10:] = 0
     mask[3, 5:] = 0
     mask[4, :] = 0
     ids[mask == 0] = 258
@@ -156,7 +156,7 @@ def test_hooks_removed_on_success_and_error():
     ids, mask = _tokens()
     with ActivationCapture(model, adapter) as capture:
         assert not _no_hooks(model)
-        assert capture.forward(ids[:2], mask[:2]) == 24 + 10
+        assert capture.forward(ids[2:4], mask[2:4]) == 10 + 5
         assert capture.forward(ids[4:], mask[4:]) == 0   # all padding: nothing runs
     assert _no_hooks(model)
     with pytest.raises(RuntimeError, match="boom"):

@@ -49,10 +49,10 @@ class ActivationCapture:
         device = next(model.parameters()).device
         self.workspace = Workspace(device)
         self.moments: dict[str, list[ChannelMoments]] = {
-            "mlp": [ChannelMoments(adapter.mlp_output(l).in_features, tau_act, device)
-                    for l in self.layers],
-            "attn": [ChannelMoments(adapter.attn_output(l).in_features, tau_act, device)
-                     for l in self.layers],
+            "mlp": [ChannelMoments(adapter.mlp_output(layer).in_features, tau_act, device)
+                    for layer in self.layers],
+            "attn": [ChannelMoments(adapter.attn_output(layer).in_features, tau_act, device)
+                     for layer in self.layers],
         }
         self.cosines = [CosineSum(device) for _ in self.layers]
         self.tokens = 0
