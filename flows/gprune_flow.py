@@ -95,20 +95,24 @@ def _corpora(config: PipelineConfig, root: str) -> dict:
 
 
 def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
-    """Partition and score once per distinct config, then allocate + surgery per target."""
+    """Partition and score once per distinct config, then allocate + surgery per target.
+
+    Submitted stage by stage (every allocate before any surgery): a task waiting on its
+    upstream holds a runner slot, so this order keeps the slots on runnable work."""
     scored: dict[str, Any] = {}
-    plans, checkpoints = {}, {}
+    plans, methods = {}, {}
     for method in config.methods:
         score_key = _score(config, root, stats_key, method, scored)
-        settings = method.settings()
         for sparsity in config.sparsities:
             name = f"{method.label}@{sparsity:g}"
+            methods[name] = method
             plans[name] = stages.allocate.submit(
                 config.allocate_config(method, sparsity), root, score_key, stats_key,
-                method.label, settings["bias_compensation"], force=config.forced("plan"))
-            checkpoints[name] = stages.surgery.submit(
-                config.surgery_config(method), root, plans[name], stats_key,
-                force=config.forced("surgery"))
+                method.label, method.settings()["bias_compensation"],
+                force=config.forced("plan"))
+    checkpoints = {name: stages.surgery.submit(config.surgery_config(methods[name]), root, plan,
+                                               stats_key, force=config.forced("surgery"))
+                   for name, plan in plans.items()}
     return plans, checkpoints
 
 
