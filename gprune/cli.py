@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect API calls are not news
     if args.store:
         os.environ["GPRUNE_STORE"] = os.path.abspath(os.path.expanduser(args.store))
     try:
