@@ -15,9 +15,10 @@ tokens it is fed (rows of an ``(n, C)`` tensor):
 hidden state entering and leaving the layer (sum and count; mean = sum / count).
 
 Channel statistics are computed in float64 (sums are matrix-vector products with a
-ones vector); per-token cosines in float32, summed in float64. Both work on whatever device their tensors live on and do no host
-synchronization. Temporaries go through a ``Workspace`` of reused buffers: fresh
-multi-megabyte allocations per call cost more than the reductions themselves on a CPU.
+ones vector); per-token cosines in float32, summed in float64. Both work on whatever
+device their tensors live on and do no host synchronization. Temporaries go through a
+``Workspace`` of reused buffers: fresh multi-megabyte allocations per call cost more
+than the reductions themselves on a CPU.
 """
 from __future__ import annotations
 
