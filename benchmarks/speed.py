@@ -6,8 +6,8 @@ The dense model and each pruned model (sliced in memory with the surgery maths, 
 what the surgery stage saves) are timed in the same run, interleaved, ``--repeats``
 times; the median is reported. Without ``--plan`` the script builds its own plan per
 sparsity: uniform per layer, the top MLP channels by weight magnitude (a multiple of
-``--align`` per layer), all heads kept unless ``--heads-per-group`` says how many query
-heads each KV group keeps; with ``--plan KEY`` (plan artifacts from the store) it uses
+``--align`` per layer), query heads as the uniform allocator picks them (GQA-feasible)
+unless ``--heads-per-group`` says how many each KV group keeps; with ``--plan KEY`` (plan artifacts from the store) it uses
 those. Each line says which plan was used.
 
 FLOPs per token = 2 * (weights of the decoder's linear layers) + attention scores
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gprune.maths.budget import head_config_for  # noqa: E402
 from gprune.maths.plan import LayerPlan, PruningPlan, prunable_params  # noqa: E402
 from gprune.maths.surgery import apply_plan  # noqa: E402
 from gprune.models.adapters import FamilyAdapter, ModelShape  # noqa: E402
@@ -40,13 +41,17 @@ from gprune.models.pruned import finalize, param_count  # noqa: E402
 
 # ---- plans -----------------------------------------------------------------------
 def uniform_plan(model, adapter: FamilyAdapter, fingerprint: str, sparsity: float,
-                 align: int = 8, heads_per_group: int = 0) -> PruningPlan:
-    """Uniform plan: every layer keeps its first ``heads_per_group`` query heads of each
-    KV group (0: all heads) and its top-|W| MLP channels to reach the target."""
+                 align: int = 8, heads_per_group: int = -1) -> PruningPlan:
+    """Uniform plan: every layer keeps the first query heads of its first KV groups and its
+    top-|W| MLP channels to reach the target. ``heads_per_group``: -1 = the GQA-feasible
+    head count the uniform allocator picks for this sparsity, 0 = all heads, N = N per group."""
     shape = adapter.shape(model.config)
-    per_group = heads_per_group or shape.group_size
-    heads = [g * shape.group_size + h for g in range(shape.kv_heads) for h in range(per_group)]
-    attn_removed = (shape.heads - len(heads)) * shape.q_params_per_head
+    groups, per_group = shape.kv_heads, heads_per_group or shape.group_size
+    if heads_per_group < 0:
+        groups, per_group = head_config_for(shape, (1.0 - sparsity) * shape.heads)
+    heads = [g * shape.group_size + h for g in range(groups) for h in range(per_group)]
+    attn_removed = ((shape.heads - len(heads)) * shape.q_params_per_head
+                    + (shape.kv_heads - groups) * shape.kv_params_per_group)
     per_layer = sparsity * prunable_params(shape) / shape.num_layers - attn_removed
     remove = per_layer / shape.params_per_channel
     keep = max(align, int(round((shape.intermediate - remove) / align)) * align)
@@ -55,7 +60,7 @@ def uniform_plan(model, adapter: FamilyAdapter, fingerprint: str, sparsity: floa
         score = weight_score(layer, adapter)                       # (intermediate,)
         top = torch.topk(score, min(keep, shape.intermediate)).indices.sort().values
         layers.append(LayerPlan.from_heads(i, top.tolist(), heads, shape))
-    method = f"uniform-mlp-magnitude(align={align},heads_per_kv_group={per_group})"
+    method = f"uniform-magnitude(align={align},kv_groups={groups},heads_per_kv_group={per_group})"
     return PruningPlan(fingerprint, adapter.name, method, sparsity, shape, tuple(layers))
 
 
@@ -148,8 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--align", type=int, default=8)
-    parser.add_argument("--heads-per-group", type=int, default=0,
-                        help="query heads kept per KV group by the built-in plan (0: all)")
+    parser.add_argument("--heads-per-group", type=int, default=-1,
+                        help="query heads kept per KV group by the built-in plan (-1: as the "
+                             "uniform allocator chooses for the sparsity, 0: all)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
