@@ -107,8 +107,8 @@ def preflight(config: PipelineConfig):
     for source in {*config.sources, *config.eval_sources}:
         source_kind(source)  # unknown names raise, listing the known ones
     ref = resolve_model(config.model)
-    shape = adapter_for(AutoConfig.from_pretrained(ref.path)).shape(
-        AutoConfig.from_pretrained(ref.path))
+    model_config = AutoConfig.from_pretrained(ref.path)
+    shape = adapter_for(model_config).shape(model_config)
     for method in config.methods:
         settings = method.settings()
         if settings["gate"] and len(config.sources) < 2:

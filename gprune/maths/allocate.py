@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from gprune.maths.budget import (feasible_head_counts, head_config_for, layer_params, mlp_floor,
-                                 prunable_params, select_heads)
+from gprune.maths.budget import (feasible_head_counts, head_config_for, mlp_floor, prunable_params,
+                                 select_heads)
 from gprune.models.adapters import ModelShape
 
 ModuleId = tuple[int, int]   # (layer, module)
@@ -30,7 +30,7 @@ class Allocation:
         channels = sum(self.mlp_counts.values())
         heads = sum(g * r for g, r in self.head_configs.values())
         groups = sum(g for g, _ in self.head_configs.values())
-        return layer_params(shape, channels, heads, groups)
+        return shape.layer_params(channels, heads, groups)
 
 
 @dataclass
@@ -169,8 +169,7 @@ def flap_fractions(scores: pd.DataFrame, shape: ModelShape, sparsity: float,
     z = scores.groupby(["layer", "kind"]).raw.transform(
         lambda s: (s - s.mean()) / (s.std(ddof=0) or 1.0)).to_numpy()
     is_head = (scores.kind == "attn").to_numpy()
-    weight = np.where(is_head, shape.q_params_per_head + shape.kv_params_per_group / shape.group_size,
-                      shape.params_per_channel)
+    weight = np.where(is_head, shape.head_params_amortized, shape.params_per_channel)
     if not prune_attention:
         z = np.where(is_head, np.inf, z)
     target = (1.0 - sparsity) * prunable_params(shape)

@@ -16,11 +16,6 @@ from gprune.maths.plan import prunable_params
 from gprune.models.adapters import ModelShape
 
 
-def layer_params(shape: ModelShape, n_channels: int, n_heads: int, n_groups: int) -> int:
-    return (n_channels * shape.params_per_channel + n_heads * shape.q_params_per_head
-            + n_groups * shape.kv_params_per_group)
-
-
 def feasible_head_counts(shape: ModelShape) -> list[tuple[int, int]]:
     """(kept groups g, heads per kept group r) pairs; g * r heads in all, (0, 0) = no attention."""
     pairs = [(0, 0)]
@@ -58,9 +53,9 @@ def mlp_floor(n_channels: int, floor_fraction: float) -> int:
 
 def max_sparsity(shape: ModelShape, floor_fraction: float, prune_attention: bool) -> float:
     """The largest sparsity the floors allow."""
-    min_layer = layer_params(shape, mlp_floor(shape.intermediate, floor_fraction),
-                             0 if prune_attention else shape.heads,
-                             0 if prune_attention else shape.kv_heads)
+    min_layer = shape.layer_params(mlp_floor(shape.intermediate, floor_fraction),
+                                   0 if prune_attention else shape.heads,
+                                   0 if prune_attention else shape.kv_heads)
     return 1.0 - min_layer * shape.num_layers / prunable_params(shape)
 
 

@@ -40,13 +40,12 @@ class MaskLayout:
     attn_module: list[int]           # theta index of the layer's head module, -1 if frozen
     attn_q: list[torch.Tensor]       # (heads,)
     sizes: list[int] = field(default_factory=list)        # units per theta entry
-    unit_params: list[int] = field(default_factory=list)  # params per unit of each theta entry
+    unit_params: list[float] = field(default_factory=list)  # params per unit of each theta entry
     names: list[tuple] = field(default_factory=list)      # ("mlp", layer, module) | ("attn", layer)
 
 
 def build_layout(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool) -> MaskLayout:
     layout = MaskLayout([], [], [], [])
-    head_params = shape.q_params_per_head + shape.kv_params_per_group / shape.group_size
     for layer in range(shape.num_layers):
         mlp = scores[(scores.layer == layer) & (scores.kind == "mlp")].sort_values("unit")
         index = torch.empty(shape.intermediate, dtype=torch.long)
@@ -63,7 +62,7 @@ def build_layout(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool)
             layout.attn_module.append(len(layout.names))
             layout.names.append(("attn", layer))
             layout.sizes.append(shape.heads)
-            layout.unit_params.append(int(head_params))
+            layout.unit_params.append(shape.head_params_amortized)
         else:
             layout.attn_module.append(-1)
     return layout
@@ -108,8 +107,7 @@ def masks_for(theta: torch.Tensor, layout: MaskLayout, temperature: float):
 def expected_keep(theta: torch.Tensor, layout: MaskLayout, shape: ModelShape) -> torch.Tensor:
     """Expected kept fraction of the prunable parameters under keep fractions sigmoid(theta)."""
     weights = torch.tensor([n * p for n, p in zip(layout.sizes, layout.unit_params)], dtype=theta.dtype)
-    frozen = sum(shape.heads * (shape.q_params_per_head + shape.kv_params_per_group / shape.group_size)
-                 for m in layout.attn_module if m < 0)
+    frozen = sum(shape.heads * shape.head_params_amortized for m in layout.attn_module if m < 0)
     return (torch.sigmoid(theta) @ weights + frozen) / prunable_params(shape)
 
 

@@ -44,9 +44,7 @@ class LayerPlan:
         return cls(layer, tuple(sorted(int(c) for c in mlp_keep)), heads, kv)
 
     def kept_params(self, shape: ModelShape) -> int:
-        return (len(self.mlp_keep) * shape.params_per_channel
-                + len(self.heads_keep) * shape.q_params_per_head
-                + len(self.kv_keep) * shape.kv_params_per_group)
+        return shape.layer_params(len(self.mlp_keep), len(self.heads_keep), len(self.kv_keep))
 
     def check(self, shape: ModelShape) -> None:
         """Raise ConfigError when the layer's keep sets are not a valid structured mask."""

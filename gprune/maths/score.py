@@ -14,16 +14,9 @@ import numpy as np
 import pandas as pd
 
 from gprune.errors import ConfigError
+from gprune.maths.stats import scaled_rank
 
 SIGMA_EPS = 1e-9
-
-
-def local_rank(values: np.ndarray) -> np.ndarray:
-    """Ranks scaled to [0, 1] (highest value -> 1, ties averaged); a single unit gets 1."""
-    if len(values) == 1:
-        return np.ones(1)
-    ranks = pd.Series(values).rank(method="average").to_numpy()
-    return (ranks - 1) / (len(values) - 1)
 
 
 def activation_score(units: pd.DataFrame, metric: str, aggregate: str) -> np.ndarray:
@@ -84,8 +77,6 @@ def score_units(units: pd.DataFrame, modules_of_units: pd.DataFrame, metric: str
     activation = (table.weight_score.to_numpy() if metric == "weight"
                   else activation_score(table, metric, aggregate))
     table["raw"] = np.where(table.metric_used == "weight", table.weight_score, activation)
-    table["score"] = 0.0
-    for _, index in table.groupby(["layer", "kind", "module"]).groups.items():
-        table.loc[index, "score"] = local_rank(table.loc[index, "raw"].to_numpy())
+    table["score"] = table.groupby(["layer", "kind", "module"]).raw.transform(scaled_rank)
     scores = table[["layer", "kind", "unit", "module", "metric_used", "raw", "score"]]
     return scores.sort_values(["layer", "kind", "unit"], ignore_index=True), modules

@@ -120,6 +120,16 @@ class ModelShape:
     def group_size(self) -> int:
         return self.heads // self.kv_heads
 
+    @property
+    def head_params_amortized(self) -> float:
+        """A query head's q/o parameters plus its share of its KV group's k/v."""
+        return self.q_params_per_head + self.kv_params_per_group / self.group_size
+
+    def layer_params(self, channels: int, heads: int, groups: int) -> int:
+        """Prunable parameters of a layer keeping these MLP channels, query heads, KV groups."""
+        return (channels * self.params_per_channel + heads * self.q_params_per_head
+                + groups * self.kv_params_per_group)
+
 
 def _get(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
