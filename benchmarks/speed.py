@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gprune.maths.budget import head_config_for  # noqa: E402
+from gprune.maths.evaluate import flops_per_token  # noqa: E402
 from gprune.maths.plan import LayerPlan, PruningPlan, prunable_params  # noqa: E402
 from gprune.maths.surgery import apply_plan  # noqa: E402
-from gprune.models.adapters import FamilyAdapter, ModelShape  # noqa: E402
+from gprune.models.adapters import FamilyAdapter  # noqa: E402
 from gprune.models.loader import load_model, resolve_device, resolve_model  # noqa: E402
 from gprune.models.pruned import finalize, param_count  # noqa: E402
 
@@ -76,24 +77,6 @@ def store_plans(keys: list[str], store_root: str | None) -> list[PruningPlan]:
 
     store = ArtifactStore(store_root)
     return [PruningPlan.read(store.read(k, stage="plan").file("plan.json")) for k in keys]
-
-
-# ---- FLOPs ------------------------------------------------------------------------
-def flops_per_token(model, adapter: FamilyAdapter, shape: ModelShape, context: float,
-                    head_share: float) -> float:
-    """2 * decoder linear weights + attention scores at ``context`` + LM head share."""
-    linear = sum(m.weight.numel() for layer in adapter.decoder_layers(model)
-                 for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    heads = sum(_num_heads(adapter, layer, shape) for layer in adapter.decoder_layers(model))
-    attention = 4 * heads * shape.head_dim * context
-    lm_head = 2 * model.get_output_embeddings().weight.numel() * head_share
-    return 2 * linear + attention + lm_head
-
-
-def _num_heads(adapter: FamilyAdapter, layer, shape: ModelShape) -> int:
-    attn = adapter.attn_module(layer)
-    q = getattr(attn, adapter.q, None)
-    return q.weight.shape[0] // shape.head_dim if q is not None else 0
 
 
 # ---- timing -----------------------------------------------------------------------
@@ -183,7 +166,6 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     ref = resolve_model(args.model)
     dense, tokenizer, adapter = load_model(ref, device=device, dtype=getattr(torch, args.dtype))
-    shape = adapter.shape(dense.config)
     models, plans = build_models(args, ref, dense, adapter)
     ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.prompt_tokens),
                         generator=torch.Generator().manual_seed(0)).to(device)
@@ -195,8 +177,8 @@ def main(argv=None) -> None:
     print(f"model={args.model} device={device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} batch={args.batch} prompt_tokens={t} "
           f"decode_tokens={n} repeats={args.repeats}")
-    flops = {name: (flops_per_token(m, adapter, shape, (t + 1) / 2, 1 / t),
-                    flops_per_token(m, adapter, shape, t + n / 2, 1.0))
+    flops = {name: (flops_per_token(m, adapter, (t + 1) / 2, lm_head_share=1 / t),
+                    flops_per_token(m, adapter, t + n / 2))
              for name, m in models.items()}
     report(models, plans, speeds, flops)
 

@@ -83,17 +83,21 @@ def parameter_counts(model: nn.Module, adapter) -> dict[str, int]:
             "prunable_params": prunable, "bytes": size_bytes}
 
 
-def flops_per_token(model: nn.Module, adapter, context: float) -> float:
+def flops_per_token(model: nn.Module, adapter, context: float,
+                    lm_head_share: float = 1.0) -> float:
     """Forward FLOPs per token: 2 per linear weight plus attention scores and mixing.
 
     Attention costs ``4 * context * q_width`` per layer (QK^T and AV), where
     ``q_width`` is the layer's query-projection width (heads * head_dim) and
     ``context`` the number of attended positions (callers pass the mean causal
-    context of a window, ``(L + 1) / 2``).
+    context of a window, ``(L + 1) / 2``). ``lm_head_share``: the fraction of tokens
+    that get logits (1 when every position is scored; 1/T for a generate() prefill).
     """
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    lm_head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, nn.Linear) and m is not lm_head)
     attn = sum(4.0 * context * width for width in _query_widths(model, adapter))
-    return 2.0 * linear + attn
+    return 2.0 * linear + attn + 2.0 * lm_head.weight.numel() * lm_head_share
 
 
 def _prunable_linears(model: nn.Module, adapter) -> list[nn.Linear]:
