@@ -1,6 +1,7 @@
 """The ``gprune`` Prefect flow: every stage, chained as tasks that exchange artifact keys.
 
     corpus (mapped) -> capture (mapped over sources) -> stats -> partition -> score
+      -> for each method: path (learned once)
       -> for each method and target sparsity: allocate -> surgery
       -> evaluate (mapped over the dense model and every checkpoint) -> report -> publish
 
@@ -43,7 +44,7 @@ def gprune_flow(
     capture_sequences: int = _D.capture_sequences,
     capture_seq_len: int = _D.capture_seq_len,
     capture_batch_size: int = _D.capture_batch_size,
-    allocator_steps: int = _D.allocator_steps,
+    allocator_steps: Optional[int] = _D.allocator_steps,
     prune_attention: bool = _D.prune_attention,
     evaluate: bool = _D.evaluate,
     eval_tokens: int = _D.eval_tokens,
@@ -95,7 +96,8 @@ def _corpora(config: PipelineConfig, root: str) -> dict:
 
 
 def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
-    """Partition and score once per distinct config, then allocate + surgery per target.
+    """Partition and score once per distinct config, learn a path once per method that
+    uses one, then allocate + surgery per target.
 
     Submitted stage by stage (every allocate before any surgery): a task waiting on its
     upstream holds a runner slot, so this order keeps the slots on runnable work."""
@@ -103,17 +105,27 @@ def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
     plans, methods = {}, {}
     for method in config.methods:
         score_key = _score(config, root, stats_key, method, scored)
+        path_key = _path(config, root, stats_key, score_key, method)
         for sparsity in config.sparsities:
             name = f"{method.label}@{sparsity:g}"
             methods[name] = method
             plans[name] = stages.allocate.submit(
                 config.allocate_config(method, sparsity), root, score_key, stats_key,
                 method.label, method.settings()["bias_compensation"],
-                force=config.forced("plan"))
+                force=config.forced("plan"), path_key=path_key)
     checkpoints = {name: stages.surgery.submit(config.surgery_config(methods[name]), root, plan,
                                                stats_key, force=config.forced("surgery"))
                    for name, plan in plans.items()}
     return plans, checkpoints
+
+
+def _path(config: PipelineConfig, root: str, stats_key, score_key, method: MethodConfig):
+    """The learned path of a method whose allocator has one (None otherwise)."""
+    allocate_config = config.allocate_config(method, config.sparsities[0])
+    if allocate_config.allocator != "learned_path":
+        return None
+    return stages.path.submit(allocate_config, root, score_key, stats_key, method.label,
+                              force=config.forced("path"))
 
 
 def _score(config: PipelineConfig, root: str, stats_key, method: MethodConfig,

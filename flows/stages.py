@@ -9,6 +9,8 @@ publishing the report to the Prefect API.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from prefect import task
 
 from flows.cache import ARTIFACT_CACHE, run_cached
@@ -71,14 +73,25 @@ def score(config: ScoreConfig, store_root: str, stats_key: str, partition_key: s
                       lambda s: run_score(config, s, stats_key, partition_key, force=force))
 
 
+@task(name="path", task_run_name="path-{method}", **STAGE_TASK)
+def path(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
+         method: str, force: bool = False) -> str:
+    """The learned path every target of ``method`` reads (``config.sparsity`` unused)."""
+    from tasks.allocate import run_path
+
+    return run_cached("path", store_root,
+                      lambda s: run_path(config, s, score_key, stats_key, force=force))
+
+
 @task(name="allocate", task_run_name="allocate-{method}-{config.sparsity}", **STAGE_TASK)
 def allocate(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
-             method: str, bias_compensation: bool, force: bool = False) -> str:
+             method: str, bias_compensation: bool, force: bool = False,
+             path_key: Optional[str] = None) -> str:
     from tasks.allocate import run_allocate
 
     return run_cached("plan", store_root, lambda s: run_allocate(
         config, s, score_key, stats_key, method=method, bias_compensation=bias_compensation,
-        force=force))
+        force=force, path_key=path_key))
 
 
 @task(name="surgery", **STAGE_TASK)

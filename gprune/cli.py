@@ -61,10 +61,11 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="gprune, flap, wanda_sp, magnitude_sp")
     p.add_argument("--no-partition", action="store_true", help="ablation: K=1")
     p.add_argument("--no-gate", action="store_true", help="ablation: no reliability gate")
-    p.add_argument("--allocator", choices=["learned", "uniform", "flap"])
+    p.add_argument("--allocator", choices=["learned_path", "learned", "uniform", "flap"])
     p.add_argument("--capture-sequences", type=int, default=32)
     p.add_argument("--capture-seq-len", type=int, default=512)
-    p.add_argument("--allocator-steps", type=int, default=30)
+    p.add_argument("--allocator-steps", type=int, default=None,
+                   help="learned-allocator Adam steps (default: 48 path, 30 per target)")
     p.add_argument("--no-attention", action="store_true", help="prune MLP channels only")
     p.add_argument("--no-eval", action="store_true", help="stop after surgery")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per source")

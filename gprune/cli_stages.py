@@ -52,11 +52,12 @@ def _allocate(p):
     p.add_argument("--score", required=True)
     p.add_argument("--stats", required=True)
     p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--allocator", default="learned", choices=["learned", "uniform", "flap"])
+    p.add_argument("--allocator", default="learned_path",
+                   choices=["learned_path", "learned", "uniform", "flap"])
     p.add_argument("--method", default="gprune", help="label recorded in the plan")
     p.add_argument("--bias-compensation", action="store_true")
     p.add_argument("--no-attention", action="store_true")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None, help="learned allocators: Adam steps")
     p.add_argument("--device", default="auto")
 
 

@@ -17,6 +17,7 @@ from gprune.errors import ArtifactError
 from gprune.maths.allocate import flap_fractions, harden, project, uniform_fractions
 from gprune.maths.budget import check_target
 from gprune.maths.learned import LearnSettings, learn_fractions
+from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.models.adapters import ModelShape
 from tasks.base import run_stage, stage_spec
@@ -31,18 +32,23 @@ def stats_shape(stats: Artifact) -> ModelShape:
 
 def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
                  method: str = "gprune", bias_compensation: bool = False,
-                 force: bool = False) -> str:
+                 force: bool = False, path_key: str | None = None) -> str:
+    """The plan of one target. ``path_key``: the learned path to read (learned_path
+    allocator); when None it is learned here, or reused when stored."""
     stats = store.read(stats_key, stage="stats")
     score = store.read(score_key, stage="score")
     shape = stats_shape(stats)
     check_target(shape, config.sparsity, config.mlp_floor, config.prune_attention)
     params = {**config.key_params(), "method": method, "bias_compensation": bias_compensation}
-    spec = stage_spec(stats.manifest["model"], {"score": score_key, "stats": stats_key}, params)
+    inputs = {"score": score_key, "stats": stats_key}
+    if config.allocator == "learned_path":
+        inputs["path"] = path_key or run_path(config, store, score_key, stats_key)
+    spec = stage_spec(stats.manifest["model"], inputs, params)
 
     def build(out):
         scores = pd.read_parquet(score.file("scores.parquet"))
         started = time.time()
-        fractions, history = _fractions(config, store, stats, scores, shape)
+        fractions, history = _fractions(config, store, stats, scores, shape, inputs.get("path"))
         alloc = project(fractions, shape, config.sparsity, config.mlp_floor, config.prune_attention)
         layers = tuple(LayerPlan(l["layer"], tuple(l["mlp_keep"]), tuple(l["heads_keep"]),
                                  tuple(l["kv_keep"])) for l in harden(scores, alloc, shape))
@@ -66,21 +72,65 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
     return run_stage(store, "plan", spec, build, force)
 
 
-def _fractions(config, store, stats, scores, shape):
+def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
+             force: bool = False) -> str:
+    """The learned path (gprune.maths.learned_path) of these scores: one artifact that
+    every target sparsity's plan reads, learned once."""
+    stats = store.read(stats_key, stage="stats")
+    score = store.read(score_key, stage="score")
+    shape = stats_shape(stats)
+    spec = stage_spec(stats.manifest["model"], {"score": score_key, "stats": stats_key},
+                      config.path_params())
+
+    def build(out):
+        scores = pd.read_parquet(score.file("scores.parquet"))
+        started = time.time()
+        model, adapter, batches = _learning_inputs(config, store, stats)
+        settings = PathSettings(grid=config.path_grid, **_learn_settings(config))
+        table, history = learn_path(model, adapter, shape, scores, batches, settings)
+        table.to_parquet(out.file("path.parquet"), index=False)
+        seconds = round(time.time() - started, 2)
+        log.info("path: learned over targets %s in %.1fs", list(config.path_grid), seconds)
+        out.extra.update({"path_seconds": seconds, "objective": history,
+                          "grid": list(config.path_grid)})
+
+    return run_stage(store, "path", spec, build, force)
+
+
+def _fractions(config, store, stats, scores, shape, path_key=None):
     if config.allocator == "uniform":
         return uniform_fractions(scores, shape, config.sparsity, config.prune_attention), []
     if config.allocator == "flap":
         return flap_fractions(scores, shape, config.sparsity, config.prune_attention), []
+    if config.allocator == "learned_path":
+        _check_grid(config)
+        table = pd.read_parquet(store.read(path_key, stage="path").file("path.parquet"))
+        return path_fractions(table, scores, shape, config.sparsity, config.prune_attention), []
+    model, adapter, batches = _learning_inputs(config, store, stats)
+    settings = LearnSettings(**_learn_settings(config))
+    return learn_fractions(model, adapter, shape, scores, batches, config.sparsity, settings)
+
+
+def _learn_settings(config: AllocateConfig) -> dict:
+    return dict(steps=config.learn_steps, lr=config.lr, penalty=config.penalty,
+                t_start=config.t_start, t_end=config.t_end, prune_attention=config.prune_attention)
+
+
+def _learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     from gprune.models.loader import load_model, resolve_device
 
-    device = resolve_device(config.device)
-    model, tokenizer, adapter = load_model(stats.extra["model_path"], device=device)
+    model, tokenizer, adapter = load_model(stats.extra["model_path"],
+                                           device=resolve_device(config.device))
     torch.manual_seed(config.seed)
-    batches = calibration_batches(store, stats, tokenizer, config)
-    settings = LearnSettings(steps=config.steps, lr=config.lr, penalty=config.penalty,
-                             t_start=config.t_start, t_end=config.t_end,
-                             prune_attention=config.prune_attention)
-    return learn_fractions(model, adapter, shape, scores, batches, config.sparsity, settings)
+    return model, adapter, calibration_batches(store, stats, tokenizer, config)
+
+
+def _check_grid(config: AllocateConfig) -> None:
+    low, high = min(config.path_grid), max(config.path_grid)
+    if not low - 0.05 <= config.sparsity <= high + 0.05:
+        log.warning("allocate: target %.2f lies outside the learned path's grid [%.2f, %.2f]; "
+                    "the path is extrapolated (widen path_grid to cover it)",
+                    config.sparsity, low, high)
 
 
 def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,

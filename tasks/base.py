@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
 from typing import Any, Callable
 
 from artifacts.store import ArtifactStore, PendingArtifact, artifact_key
 
 log = logging.getLogger("gprune")
+_BUILDING: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_BUILDING_GUARD = threading.Lock()
 
 
 def stage_spec(model: str | None, inputs: dict[str, Any], params: dict[str, Any]) -> dict:
@@ -18,13 +22,17 @@ def run_stage(store: ArtifactStore, stage: str, spec: dict[str, Any],
               build: Callable[[PendingArtifact], None], force: bool = False) -> str:
     """Return the key of the stage's artifact, building it only when it is not stored.
 
-    ``force`` rebuilds and atomically replaces an existing artifact.
+    ``force`` rebuilds and atomically replaces an existing artifact. Threads of one
+    process asking for the same artifact build it once (the others wait, then reuse it).
     """
     key = artifact_key(stage, spec)
-    if store.exists(key) and not force:
-        log.info("%s: reusing %s", stage, key)
-        return key
-    with store.write(key, stage, spec, replace=force) as pending:
-        build(pending)
+    with _BUILDING_GUARD:
+        lock = _BUILDING[key]
+    with lock:
+        if store.exists(key) and not force:
+            log.info("%s: reusing %s", stage, key)
+            return key
+        with store.write(key, stage, spec, replace=force) as pending:
+            build(pending)
     log.info("%s: wrote %s", stage, key)
     return key

@@ -25,7 +25,7 @@ from artifacts.store import ArtifactStore
 from gprune.configs.pipeline import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = ("capture", "stats", "partition", "score")
+SHARED = ("capture", "stats", "partition", "score", "path")  # one per run, whatever the targets
 TINY = dict(model="tiny:llama", sources=["wikipedia", "docs"], eval_sources=["wikipedia", "docs"],
             methods=["gprune"], capture_sequences=4, capture_seq_len=32, capture_batch_size=2,
             allocator_steps=3, eval_tokens=128, eval_seq_len=64, mc_tasks=[], mc_limit=5,

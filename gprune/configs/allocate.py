@@ -1,18 +1,26 @@
 """Config of the allocation stage: the only stage that depends on the target sparsity."""
-from typing import Literal
+from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gprune.configs.base import StageConfig
+from gprune.maths.learned_path import DEFAULT_GRID
+
+LEARNED = ("learned_path", "learned")
+LEARN_FIELDS = ("steps", "lr", "penalty", "t_start", "t_end", "n_sequences", "seq_len",
+                "batch_size")
+DEFAULT_STEPS = {"learned_path": 48, "learned": 30}
 
 
 class AllocateConfig(StageConfig):
     sparsity: float = Field(..., gt=0, lt=1, description="fraction of prunable parameters removed")
-    allocator: Literal["learned", "uniform", "flap"] = "learned"
+    allocator: Literal["learned_path", "learned", "uniform", "flap"] = Field(
+        "learned_path", description="learned_path: one learning run serves every target; "
+        "learned: one learning run per target; uniform / flap: no learning")
     prune_attention: bool = True
     mlp_floor: float = Field(0.1, gt=0, le=1, description="min fraction of MLP channels per layer")
-    # learned allocator
-    steps: int = Field(30, ge=1)
+    # learned allocators
+    steps: Optional[int] = Field(None, ge=1, description="Adam steps (None: 48 path, 30 per target)")
     lr: float = Field(0.1, gt=0)
     penalty: float = Field(50.0, gt=0)
     t_start: float = Field(0.05, gt=0)
@@ -20,6 +28,8 @@ class AllocateConfig(StageConfig):
     n_sequences: int = Field(8, ge=1, description="calibration sequences for the KL objective")
     seq_len: int = Field(128, ge=8)
     batch_size: int = Field(2, ge=1)
+    path_grid: tuple[float, ...] = Field(DEFAULT_GRID, min_length=1,
+                                         description="targets the learned path trains on")
     seed: int = 0
     device: str = "auto"
 
@@ -29,12 +39,29 @@ class AllocateConfig(StageConfig):
             raise ValueError("t_end must not exceed t_start (the temperature anneals down)")
         return self
 
+    @field_validator("path_grid")
+    @classmethod
+    def _grid(cls, grid: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < s < 1 for s in grid):
+            raise ValueError(f"path_grid sparsities must lie in (0, 1); got {list(grid)}")
+        return tuple(sorted(set(grid)))
+
+    @property
+    def learn_steps(self) -> int:
+        return self.steps or DEFAULT_STEPS.get(self.allocator, 30)
+
     def key_params(self) -> dict:
-        """Parameters that shape the plan (device does not)."""
+        """Parameters that shape the plan (device does not; a path artifact carries its own)."""
         params = self.params()
-        params.pop("device")
-        if self.allocator != "learned":
-            for name in ("steps", "lr", "penalty", "t_start", "t_end", "n_sequences",
-                         "seq_len", "batch_size"):
-                params.pop(name)
+        for name in ("device", "path_grid", *(LEARN_FIELDS if self.allocator != "learned" else ())):
+            params.pop(name)
+        if self.allocator == "learned":
+            params["steps"] = self.learn_steps
+        return params
+
+    def path_params(self) -> dict:
+        """Parameters that shape the learned path (every target shares them)."""
+        params = {name: getattr(self, name) for name in LEARN_FIELDS}
+        params.update(steps=self.learn_steps, path_grid=list(self.path_grid),
+                      prune_attention=self.prune_attention, seed=self.seed)
         return params

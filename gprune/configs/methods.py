@@ -17,7 +17,7 @@ from gprune.errors import ConfigError
 
 PRESETS: dict[str, dict] = {
     "gprune": dict(k=4, metric="wanda_sp", aggregate="normalized_mean", gate=True,
-                   allocator="learned", bias_compensation=False),
+                   allocator="learned_path", bias_compensation=False),
     "flap": dict(k=1, metric="flap", aggregate="pooled", gate=False, allocator="flap",
                  bias_compensation=True),
     "wanda_sp": dict(k=1, metric="wanda_sp", aggregate="pooled", gate=False, allocator="uniform",
@@ -33,7 +33,7 @@ class MethodConfig(StageConfig):
     name: str = "gprune"
     no_partition: bool = False
     no_gate: bool = False
-    allocator: Optional[Literal["learned", "uniform", "flap"]] = None
+    allocator: Optional[Literal["learned_path", "learned", "uniform", "flap"]] = None
     k: Optional[int] = Field(None, ge=1)
     metric: Optional[Literal["wanda_sp", "flap"]] = None
     bias_compensation: Optional[bool] = None

@@ -7,7 +7,7 @@ without >= 2 sources) before the first stage runs.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -20,8 +20,8 @@ from gprune.configs.methods import MethodConfig
 from gprune.configs.surgery import SurgeryConfig
 from gprune.errors import ConfigError
 
-STAGES = ("corpus", "capture", "stats", "partition", "score", "plan", "surgery", "evaluate",
-          "report")
+STAGES = ("corpus", "capture", "stats", "partition", "score", "path", "plan", "surgery",
+          "evaluate", "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
 
@@ -35,7 +35,8 @@ class PipelineConfig(StageConfig):
     capture_sequences: int = Field(32, ge=1)
     capture_seq_len: int = Field(512, ge=8)
     capture_batch_size: int = Field(4, ge=1)
-    allocator_steps: int = Field(30, ge=1)
+    allocator_steps: Optional[int] = Field(None, ge=1,
+                                           description="None: the allocator's default")
     prune_attention: bool = True
     evaluate: bool = True
     eval_tokens: int = Field(4096, ge=2)

@@ -96,19 +96,21 @@ def soft_masks(model: torch.nn.Module, adapter: FamilyAdapter, layout: MaskLayou
             handle.remove()
 
 
-def masks_for(theta: torch.Tensor, layout: MaskLayout, temperature: float):
-    k = torch.sigmoid(theta)
+def masks_for(keep_fractions: torch.Tensor, layout: MaskLayout, temperature: float):
+    """Soft masks of every layer from the modules' keep fractions (M,)."""
+    k = keep_fractions
     mlp = [torch.sigmoid((k[idx] - q) / temperature) for idx, q in zip(layout.mlp_module, layout.mlp_q)]
     heads = [None if m < 0 else torch.sigmoid((k[m] - q) / temperature)
              for m, q in zip(layout.attn_module, layout.attn_q)]
     return mlp, heads
 
 
-def expected_keep(theta: torch.Tensor, layout: MaskLayout, shape: ModelShape) -> torch.Tensor:
-    """Expected kept fraction of the prunable parameters under keep fractions sigmoid(theta)."""
-    weights = torch.tensor([n * p for n, p in zip(layout.sizes, layout.unit_params)], dtype=theta.dtype)
+def expected_keep(keep_fractions: torch.Tensor, layout: MaskLayout, shape: ModelShape) -> torch.Tensor:
+    """Expected kept fraction of the prunable parameters under keep fractions (M,)."""
+    weights = torch.tensor([n * p for n, p in zip(layout.sizes, layout.unit_params)],
+                           dtype=keep_fractions.dtype)
     frozen = sum(shape.heads * shape.head_params_amortized for m in layout.attn_module if m < 0)
-    return (torch.sigmoid(theta) @ weights + frozen) / prunable_params(shape)
+    return (keep_fractions @ weights + frozen) / prunable_params(shape)
 
 
 def kl_to_dense(student_logits, teacher_logprobs, mask) -> torch.Tensor:
@@ -121,13 +123,23 @@ def kl_to_dense(student_logits, teacher_logprobs, mask) -> torch.Tensor:
 def learn_fractions(model, adapter: FamilyAdapter, shape: ModelShape, scores: pd.DataFrame,
                     batches: list[tuple[torch.Tensor, torch.Tensor]], sparsity: float,
                     settings: LearnSettings) -> tuple[Fractions, list[float]]:
-    """Learn keep fractions; return them and the objective per step."""
-    device = next(model.parameters()).device
+    """Learn keep fractions for one target; return them and the objective per step."""
     layout = build_layout(scores, shape, settings.prune_attention)
     start = min(max(1.0 - sparsity, 1e-3), 1 - 1e-3)
     theta = torch.full((len(layout.names),), math.log(start / (1 - start)), requires_grad=True)
+    history = optimize_keep(model, adapter, shape, layout, batches, [theta], settings,
+                            lambda step: (torch.sigmoid(theta), sparsity))
+    return fractions_from_keep(torch.sigmoid(theta.detach()), layout, scores, shape), history
+
+
+def optimize_keep(model, adapter: FamilyAdapter, shape: ModelShape, layout: MaskLayout,
+                  batches: list[tuple[torch.Tensor, torch.Tensor]], params: list[torch.Tensor],
+                  settings: LearnSettings, keep_at) -> list[float]:
+    """Adam on ``params`` (model frozen). ``keep_at(step) -> (keep fractions (M,), sparsity)``;
+    objective: KL(dense || soft-masked) + penalty * (expected keep - (1 - sparsity))^2."""
+    device = next(model.parameters()).device
     teachers = _teacher_logprobs(model, batches)
-    optimizer = torch.optim.Adam([theta], lr=settings.lr)
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
     history, keep = [], [None]
     model.requires_grad_(False)
     device_layout = _to_device(layout, device)
@@ -135,16 +147,17 @@ def learn_fractions(model, adapter: FamilyAdapter, shape: ModelShape, scores: pd
         for step in range(settings.steps):
             t = settings.t_start * (settings.t_end / settings.t_start) ** (step / max(settings.steps - 1, 1))
             input_ids, mask = batches[step % len(batches)]
-            keep[0] = masks_for(theta.to(device), device_layout, t)
+            k, sparsity = keep_at(step)
+            keep[0] = masks_for(k.to(device), device_layout, t)
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             kl = kl_to_dense(logits[:, :-1], teachers[step % len(batches)], mask[:, 1:].to(device))
-            budget = (expected_keep(theta, layout, shape) - (1.0 - sparsity)) ** 2
+            budget = (expected_keep(k, layout, shape) - (1.0 - sparsity)) ** 2
             loss = kl.cpu() + settings.penalty * budget
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             history.append(float(loss.detach()))
-    return _fractions(theta.detach(), layout, scores, shape), history
+    return history
 
 
 @torch.no_grad()
@@ -162,9 +175,9 @@ def _to_device(layout: MaskLayout, device) -> MaskLayout:
                       move(layout.attn_q), layout.sizes, layout.unit_params, layout.names)
 
 
-def _fractions(theta: torch.Tensor, layout: MaskLayout, scores: pd.DataFrame,
-               shape: ModelShape) -> Fractions:
-    k = torch.sigmoid(theta).tolist()
+def fractions_from_keep(keep_fractions: torch.Tensor, layout: MaskLayout, scores: pd.DataFrame,
+                        shape: ModelShape) -> Fractions:
+    k = keep_fractions.tolist()
     mlp = {(n[1], n[2]): k[i] for i, n in enumerate(layout.names) if n[0] == "mlp"}
     attn = {layer: 1.0 for layer in range(shape.num_layers)}
     attn.update({n[1]: k[i] for i, n in enumerate(layout.names) if n[0] == "attn"})
