@@ -7,12 +7,14 @@ model conversion come first and are excluded from both timings. Prints both wall
 manifests), and as its last line ``sweep5_over_single=<five-target / one-target>``
 (target <= 1.3).
 
-    python benchmarks/sweep.py                      # SmolLM2, 2 sources x 8 x 256 tokens
-    python benchmarks/sweep.py --sources wikipedia web code news --sequences 32 --seq-len 512
+    python benchmarks/sweep.py                       # SmolLM2, the pipeline's defaults
+    python benchmarks/sweep.py --method gprune --allocator learned   # per-target learning
 
-Defaults are modest so it finishes in minutes on a 2-core CPU; the shared part grows with
+Defaults are the pipeline's (``make run``): 4 sources x 32 x 512 capture tokens, gprune
+with its learned path (learned once, shared by every target). The shared part grows with
 the capture budget (sources x sequences x seq-len), the per-target part with the
-allocator (``--method``, ``--allocator-steps``) and surgery.
+allocator (``--allocator learned`` learns once per target) and surgery. About 12 minutes
+on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -35,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="model spec (smollm2, tiny:llama, ...)")
-    parser.add_argument("--sources", nargs="+", default=["wikipedia", "web"],
+    parser.add_argument("--sources", nargs="+", default=["wikipedia", "web", "code", "news"],
                         help="calibration sources (>= 2 for the gprune gate)")
-    parser.add_argument("--sequences", type=int, default=8, help="capture sequences per source")
-    parser.add_argument("--seq-len", type=int, default=256, help="capture tokens per sequence")
+    parser.add_argument("--sequences", type=int, default=32, help="capture sequences per source")
+    parser.add_argument("--seq-len", type=int, default=512, help="capture tokens per sequence")
     parser.add_argument("--method", default="gprune", help="gprune | flap | wanda_sp | magnitude_sp")
-    parser.add_argument("--allocator-steps", type=int, default=30,
-                        help="learned-allocator steps (gprune)")
+    parser.add_argument("--allocator", default=None,
+                        help="override the method's allocator: learned_path | learned | uniform | flap")
+    parser.add_argument("--allocator-steps", type=int, default=None,
+                        help="learned-allocator steps (default: the allocator's)")
     parser.add_argument("--targets", nargs=5, type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5],
                         help="the five target sparsities of the sweep")
     parser.add_argument("--single", type=float, default=0.3, help="the one-target run's target")
@@ -51,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiny model of the warm-up run (excluded from the timings)")
     parser.add_argument("--keep", action="store_true", help="keep the two temporary stores")
     return parser.parse_args(argv)
+
+
+def method(args) -> dict:
+    return {"name": args.method, **({"allocator": args.allocator} if args.allocator else {})}
 
 
 def stage_seconds(store: Path) -> dict[str, float]:
@@ -69,14 +77,14 @@ def warm_up(runnable, args, root: Path) -> None:
 
     resolve_model(args.model)
     runnable(model=args.warmup_model, sources=args.sources, eval_sources=args.sources,
-             sparsities=[args.single], methods=[args.method], capture_sequences=2,
+             sparsities=[args.single], methods=[method(args)], capture_sequences=2,
              capture_seq_len=16, allocator_steps=1, evaluate=False, device=args.device,
              store=str(root))
 
 
 def timed_run(runnable, args, sparsities: list[float], root: Path) -> float:
     params = dict(model=args.model, sources=args.sources, eval_sources=args.sources,
-                  sparsities=sparsities, methods=[args.method],
+                  sparsities=sparsities, methods=[method(args)],
                   capture_sequences=args.sequences, capture_seq_len=args.seq_len,
                   allocator_steps=args.allocator_steps, evaluate=False, device=args.device,
                   store=str(root))
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
                 root.rename(keep / root.name)
             print(f"stores kept in {keep}")
     print(f"settings: model={args.model} sources={','.join(args.sources)} "
-          f"capture={args.sequences}x{args.seq_len} method={args.method} "
+          f"capture={args.sequences}x{args.seq_len} method={method(args)} "
           f"allocator_steps={args.allocator_steps} targets={args.targets} single={args.single}")
     print(f"single_target_s={single:.1f}")
     print(f"five_targets_s={five:.1f}")

@@ -124,10 +124,21 @@ def test_select_heads_keeps_equal_heads_per_group():
     {"sparsity": 0.0}, {"sparsity": 1.0}, {"sparsity": -0.1}, {"sparsity": 1.5},
     {"sparsity": 0.3, "allocator": "magic"}, {"sparsity": 0.3, "mlp_floor": 0.0},
     {"sparsity": 0.3, "t_start": 0.01, "t_end": 0.1}, {"sparsity": 0.3, "steps": 0},
+    {"sparsity": 0.3, "path_grid": []}, {"sparsity": 0.3, "path_grid": [0.2, 1.0]},
 ])
 def test_invalid_allocate_configs_raise(values):
     with pytest.raises(ConfigError):
         AllocateConfig.build(**values)
+
+
+def test_plan_key_params_depend_only_on_what_shapes_the_plan():
+    path = AllocateConfig(sparsity=0.3)
+    assert path.learn_steps == 48 and "steps" not in path.key_params()   # the path carries them
+    assert path.path_params()["path_grid"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert "sparsity" not in path.path_params()                           # one path, every target
+    per_target = AllocateConfig(sparsity=0.3, allocator="learned")
+    assert per_target.key_params()["steps"] == 30
+    assert "lr" not in AllocateConfig(sparsity=0.3, allocator="uniform").key_params()
 
 
 @pytest.mark.parametrize("values", [{"k": 0}, {"metric": "nope"}, {"seed": "x"}])
