@@ -14,11 +14,13 @@ tokens it is fed (rows of an ``(n, C)`` tensor):
 ``CosineSum`` accumulates, for one decoder layer, the per-token cosine between the
 hidden state entering and leaving the layer (sum and count; mean = sum / count).
 
-Channel statistics are computed in float64 (sums are matrix-vector products with a
-ones vector); per-token cosines in float32, summed in float64. Both work on whatever
-device their tensors live on and do no host synchronization. Temporaries go through a
-``Workspace`` of reused buffers: fresh multi-megabyte allocations per call cost more
-than the reductions themselves on a CPU.
+Channel statistics are computed in float64 (column sums of successive transforms of
+one float64 copy of a chunk); per-token cosines in float32, summed in float64. Both work on
+whatever device their tensors live on and do no host synchronization. Temporaries go
+through a ``Workspace`` of reused buffers: fresh multi-megabyte allocations per call cost
+more than the reductions themselves on a CPU.
+
+No BLAS call is made (sums are ATen reductions): MKL would thread even a small gemv.
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ class Workspace:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._ones: torch.Tensor | None = None
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
@@ -55,14 +56,7 @@ class Workspace:
 
     def nbytes(self) -> int:
         """Bytes held by the reused buffers."""
-        held = list(self._buffers.values()) + ([self._ones] if self._ones is not None else [])
-        return sum(t.numel() * t.element_size() for t in held)
-
-    def ones(self, n: int) -> torch.Tensor:
-        """A float64 vector of n ones, (n,) (a view: never write to it)."""
-        if self._ones is None or self._ones.numel() < n:
-            self._ones = torch.ones(n, dtype=torch.float64, device=self.device)
-        return self._ones[:n]
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
 
 class ChannelMoments:
@@ -74,31 +68,30 @@ class ChannelMoments:
         self.tau_act = float(tau_act)
         chunk_elements = chunk_elements or default_chunk_elements(device)
         self.chunk_rows = max(1, chunk_elements // channels)
-        zeros = dict(dtype=torch.float64, device=device)
         self.count = 0
-        self.sum = torch.zeros(channels, **zeros)        # (C,)
-        self.sumsq = torch.zeros(channels, **zeros)      # (C,)
-        self.sum_abs = torch.zeros(channels, **zeros)    # (C,)
-        self.active = torch.zeros(channels, **zeros)     # (C,) integer counts, exact in float64
+        # rows: sum, sum of |x|, sum of x^2, active count (integers, exact in float64)
+        self.totals = torch.zeros(4, channels, dtype=torch.float64, device=device)  # (4, C)
+        self.sum, self.sum_abs, self.sumsq, self.active = self.totals.unbind(0)     # (C,) views
 
     def update(self, rows: torch.Tensor, workspace: Workspace) -> None:
         """Add the tokens of ``rows`` (n, C), any float dtype, to the statistics."""
-        for start in range(0, rows.shape[0], self.chunk_rows):
-            self._update_chunk(rows[start:start + self.chunk_rows], workspace)
-        self.count += int(rows.shape[0])
+        n, width = rows.shape
+        x = workspace.buffer("moments.x", (min(n, self.chunk_rows), width), torch.float64)
+        partial = workspace.buffer("moments.partial", (4, width), torch.float64)
+        for start in range(0, n, self.chunk_rows):
+            chunk = rows[start:start + self.chunk_rows]
+            self._add_chunk(x[:chunk.shape[0]].copy_(chunk), partial)
+        self.count += int(n)
 
-    def _update_chunk(self, chunk: torch.Tensor, workspace: Workspace) -> None:
-        """Everything in float64, in one reused buffer that successive ops overwrite."""
-        m = chunk.shape[0]
-        ones = workspace.ones(m)                                                     # (m,)
-        x = workspace.buffer("moments.x", tuple(chunk.shape), torch.float64).copy_(chunk)
-        self.sum.addmv_(x.t(), ones)                                                 # (C,)
-        self.sum_abs.addmv_(x.abs_().t(), ones)
-        self.sumsq.addmv_(x.square_().t(), ones)
+    def _add_chunk(self, x: torch.Tensor, partial: torch.Tensor) -> None:
+        """x (m, C) float64, overwritten: column sums of x, |x|, x^2, [x^2 > tau^2 mean x^2]."""
+        torch.sum(x, 0, out=partial[0])
+        torch.sum(x.abs_(), 0, out=partial[1])
+        torch.sum(x.square_(), 0, out=partial[2])
         # |x| > tau * RMS_t  <=>  x^2 > tau^2 * mean_c x^2 at token t; threshold (m, 1)
-        threshold = torch.mv(x, workspace.ones(self.channels)).mul_(self.tau_act ** 2
-                                                                   / self.channels)
-        self.active.addmv_(torch.gt(x, threshold.unsqueeze(1), out=x).t(), ones)
+        threshold = x.sum(1, keepdim=True).mul_(self.tau_act ** 2 / self.channels)
+        torch.sum(torch.gt(x, threshold, out=x), 0, out=partial[3])
+        self.totals.add_(partial)
 
     # ---- derived -----------------------------------------------------------
     def mean(self) -> torch.Tensor:
