@@ -185,3 +185,21 @@ def test_configs_validate_at_construction():
     for bad in (dict(metrics=()), dict(metrics=("wanda_sp", "wanda_sp")), dict(metrics=("x",))):
         with pytest.raises(ConfigError):
             StatsConfig.build(**bad)
+
+
+def test_serial_hooks_change_only_the_calling_threads_thread_count():
+    import threading
+
+    from gprune.maths.capture import serial_on_this_thread
+
+    before = torch.get_num_threads()
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(other=torch.get_num_threads()))
+    with serial_on_this_thread(torch.device("cpu")):
+        seen["inside"] = torch.get_num_threads()
+        worker.start()
+        worker.join()
+    assert seen["other"] == before          # threads started meanwhile keep the default
+    assert torch.get_num_threads() == before
+    if before > 1 and "OpenMP" in torch.__config__.parallel_info():
+        assert seen["inside"] == 1

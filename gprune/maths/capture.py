@@ -18,6 +18,7 @@ running sums (see ``gprune.maths.moments``) outlives a forward pass.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gprune.errors import GpruneError
-from gprune.maths.moments import ChannelMoments, CosineSum, Workspace
+from gprune.maths.moments import ChannelMoments, CosineSum, Workspace, default_chunk_elements
 from gprune.models.adapters import FamilyAdapter
 
 KINDS = ("mlp", "attn")
@@ -59,7 +60,7 @@ class ActivationCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._rows: torch.Tensor | None = None   # flat indices of the non-padding tokens
         self._feeding = False
-        self._last_output: tuple = (None, None, None)   # previous layer: output, rows, norms
+        self._last_output: tuple = (None, None)   # previous layer: output, token norms
 
     # ---- hook lifetime -----------------------------------------------------
     def __enter__(self) -> "ActivationCapture":
@@ -109,23 +110,34 @@ class ActivationCapture:
         finally:
             self._feeding = False
             self._rows = None
-            self._last_output = (None, None, None)
+            self._last_output = (None, None)
         added = int(flat.sum())
         self.tokens += added
         return added
 
-    def _select(self, hidden: torch.Tensor, buffer: str = "capture.select") -> torch.Tensor:
-        """(B, T, C) -> (n, C): the non-padding tokens (gathered into a reused buffer)."""
+    def _chunks(self, hidden: torch.Tensor, rows_per_chunk: int,
+                buffer: str) -> Iterator[torch.Tensor]:
+        """(B, T, C) -> its non-padding tokens as successive (m, C) blocks, m <= rows_per_chunk.
+
+        Without padding the blocks are views; with padding they are gathered into a reused
+        buffer (valid until the next block).
+        """
         flat = hidden.reshape(-1, hidden.shape[-1])                            # (B*T, C)
-        if self._rows is None:
-            return flat
-        out = self.workspace.buffer(buffer, (self._rows.numel(), flat.shape[1]), flat.dtype)
-        return torch.index_select(flat, 0, self._rows, out=out)
+        rows = self._rows
+        n = flat.shape[0] if rows is None else rows.numel()
+        for start in range(0, n, rows_per_chunk):
+            stop = min(start + rows_per_chunk, n)
+            if rows is None:
+                yield flat[start:stop]
+            else:
+                out = self.workspace.buffer(buffer, (stop - start, flat.shape[1]), flat.dtype)
+                yield torch.index_select(flat, 0, rows[start:stop], out=out)
 
     def _on_channels(self, moments: ChannelMoments, module: nn.Module, args: tuple) -> None:
         if self._feeding:
-            with _serial_on_cpu(self.workspace.device):
-                moments.update(self._select(args[0]), self.workspace)
+            with serial_on_this_thread(self.workspace.device):
+                for chunk in self._chunks(args[0], moments.chunk_rows, "capture.select"):
+                    moments.update(chunk, self.workspace)
 
     def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict,
                   output) -> None:
@@ -133,23 +145,29 @@ class ActivationCapture:
 
         Reads the input after the layer ran: HF decoder layers never modify their input
         in place (checked for every supported family). A layer's output is the next
-        layer's input, so its rows and norms are reused.
+        layer's input, so its token norms are reused.
         """
         if not self._feeding:
             return
         hidden_in = args[0] if args else kwargs["hidden_states"]
         hidden_out = output[0] if isinstance(output, (tuple, list)) else output
-        last_out, last_rows, last_norm = self._last_output
-        with _serial_on_cpu(self.workspace.device):
-            if hidden_in is last_out:
-                rows_in, norm_in = last_rows, last_norm
-            else:
-                rows_in = self._select(hidden_in, "capture.layer_in")
-                norm_in = row_norms(rows_in)
-            rows_out = self._select(hidden_out, f"capture.layer_out{index % 2}")
-            norm_out = row_norms(rows_out)
-            self.cosines[index].update(rows_in, norm_in, rows_out, norm_out, self.workspace)
-        self._last_output = (hidden_out, rows_out, norm_out)
+        last_out, last_norms = self._last_output
+        norms_in = last_norms if hidden_in is last_out else None
+        width = hidden_out.shape[-1]
+        rows_per_chunk = max(1, default_chunk_elements(self.workspace.device) // width)
+        n = hidden_out.shape[0] * hidden_out.shape[1] if self._rows is None else self._rows.numel()
+        norms_out = self.workspace.buffer(f"capture.norms{index % 2}", (n,),
+                                          norm_dtype(hidden_out.dtype))                 # (n,)
+        blocks = zip(self._chunks(hidden_in, rows_per_chunk, "capture.layer_in"),
+                     self._chunks(hidden_out, rows_per_chunk, "capture.layer_out"))
+        with serial_on_this_thread(self.workspace.device):
+            for start, (rows_in, rows_out) in zip(range(0, n, rows_per_chunk), blocks):
+                stop = start + rows_out.shape[0]
+                norm_in = norms_in[start:stop] if norms_in is not None else row_norms(rows_in)
+                norm_out = row_norms(rows_out, out=norms_out[start:stop])               # (m,)
+                self.cosines[index].update(rows_in, norm_in, rows_out, norm_out,
+                                           self.workspace)
+        self._last_output = (hidden_out, norms_out)
 
     # ---- results -------------------------------------------------------------
     def first_non_finite(self) -> tuple[int, str] | None:
@@ -193,28 +211,51 @@ class ActivationCapture:
         })
 
 
-def row_norms(rows: torch.Tensor) -> torch.Tensor:
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Token norms are computed in float32 at least."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_norms(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(n, H) -> (n,) Euclidean norms, computed in float32 at least."""
-    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=norm_dtype(rows.dtype), out=out)
+
+
+def _openmp() -> ctypes.CDLL | None:
+    """The process's OpenMP runtime (loaded globally with torch), if torch uses OpenMP."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        runtime = ctypes.CDLL(None)
+        runtime.omp_get_max_threads, runtime.omp_set_num_threads   # noqa: B018 (lookup)
+    except (OSError, AttributeError):
+        return None
+    return runtime
+
+
+_OPENMP = _openmp()
 
 
 @contextlib.contextmanager
-def _serial_on_cpu(device: torch.device) -> Iterator[None]:
-    """On a CPU, run the hook's statistics on one intra-op thread.
+def serial_on_this_thread(device: torch.device) -> Iterator[None]:
+    """On a CPU, run the hook's statistics without opening OpenMP parallel regions.
 
-    They are many small, cache-sized operations: forking threads for each costs more
-    than it saves, and on a loaded machine every parallel region can stall on a
-    descheduled thread (measured: tens of times slower). The model keeps its threads.
+    They are many small, cache-sized operations: forking threads for each costs more than
+    it saves, and on a loaded machine every parallel region can stall on a descheduled
+    thread (measured: ~8 ms each, tens of times slower). OpenMP's thread count is a
+    per-thread setting: only the calling thread's value changes, and it is restored before
+    the model runs on. torch's process-wide setting (``torch.set_num_threads``: the default
+    of threads started later, MKL) is never touched, so other threads' stages keep theirs.
     """
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    if threads > 1:
-        torch.set_num_threads(1)
+    threads = torch.get_num_threads()   # also initializes this thread's torch threading
+    if device.type != "cpu" or _OPENMP is None or threads == 1:
+        yield
+        return
+    _OPENMP.omp_set_num_threads(1)
     try:
         yield
     finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+        _OPENMP.omp_set_num_threads(threads)
 
 
 @dataclass
