@@ -121,7 +121,9 @@ def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
 
 def _path(config: PipelineConfig, root: str, stats_key, score_key, method: MethodConfig):
     """The learned path of a method whose allocator has one (None otherwise)."""
-    allocate_config = config.allocate_config(method, config.sparsities[0])
+    # the path does not depend on the target: a fixed placeholder keeps the task's Prefect
+    # cache key independent of the run's sparsities
+    allocate_config = config.allocate_config(method, 0.5)
     if allocate_config.allocator != "learned_path":
         return None
     return stages.path.submit(allocate_config, root, score_key, stats_key, method.label,
