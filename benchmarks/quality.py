@@ -22,7 +22,6 @@ baseline on the never-calibrated perplexity at the highest sparsity.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -97,14 +96,15 @@ def run_summary(table) -> "pd.DataFrame":  # noqa: F821
     delta-method standard error), MC accuracies with their standard errors."""
     import pandas as pd
 
+    from gprune.report.table import geo_mean
+
     rows = []
     for _key, run in table.groupby("eval_key", sort=False):
         first, ppl = run.iloc[0], run[run["kind"] == "ppl"].set_index("name")
         row = {"method": first["label"], "sparsity": first["target_sparsity"]}
         for tag, names in (("calib", CALIBRATION), ("heldout", HELD_OUT)):
             hit = ppl.loc[[n for n in names if n in ppl.index]]
-            logs = hit["value"].map(math.log)
-            row[f"ppl_{tag}"] = math.exp(logs.mean())
+            row[f"ppl_{tag}"] = geo_mean(hit["value"])
             rel = ((hit["stderr"] / hit["value"]) ** 2).sum() ** 0.5 / len(hit)
             row[f"ppl_{tag}_se"] = row[f"ppl_{tag}"] * rel
         for _i, mc in run[run["kind"] == "mc"].iterrows():

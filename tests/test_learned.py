@@ -1,8 +1,10 @@
 """The learned allocator lowers its objective and its hardened plan meets the budget."""
+import pytest
 import torch
 
 from gprune.maths.allocate import harden, project
 from gprune.maths.learned import LearnSettings, build_layout, expected_keep, learn_fractions
+from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
 from gprune.maths.partition import partition_units
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.maths.score import score_units
@@ -50,8 +52,6 @@ def test_soft_masks_are_removed_and_budget_is_exact_at_start():
 
 
 def test_learned_path_serves_every_target_within_budget():
-    from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
-
     model, adapter, shape, scores, batches = _setup("qwen2")
     settings = PathSettings(steps=12, lr=0.2, grid=(0.2, 0.4))
     table, history = learn_path(model, adapter, shape, scores, batches, settings)
@@ -72,10 +72,6 @@ def test_learned_path_serves_every_target_within_budget():
 
 
 def test_path_of_other_scores_is_refused():
-    import pytest
-
-    from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
-
     model, adapter, shape, scores, batches = _setup()
     table, _ = learn_path(model, adapter, shape, scores, batches, PathSettings(steps=1))
     with pytest.raises(ValueError, match="does not match"):

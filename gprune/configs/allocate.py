@@ -4,12 +4,12 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from gprune.configs.base import StageConfig
-from gprune.maths.learned_path import DEFAULT_GRID
+from gprune.maths.learned import LearnSettings
+from gprune.maths.learned_path import DEFAULT_GRID, PathSettings
 
-LEARNED = ("learned_path", "learned")
 LEARN_FIELDS = ("steps", "lr", "penalty", "t_start", "t_end", "n_sequences", "seq_len",
                 "batch_size")
-DEFAULT_STEPS = {"learned_path": 48, "learned": 30}
+DEFAULT_STEPS = {"learned_path": PathSettings.steps, "learned": LearnSettings.steps}
 
 
 class AllocateConfig(StageConfig):
@@ -48,7 +48,7 @@ class AllocateConfig(StageConfig):
 
     @property
     def learn_steps(self) -> int:
-        return self.steps or DEFAULT_STEPS.get(self.allocator, 30)
+        return self.steps or DEFAULT_STEPS.get(self.allocator, LearnSettings.steps)
 
     def key_params(self) -> dict:
         """Parameters that shape the plan (device does not; a path artifact carries its own)."""
