@@ -10,7 +10,9 @@ so drift in machine load (a shared CPU) hits both alike.
 Prints tokens/s for both, peak memory, and as its last line
 ``capture_throughput_ratio=<hooked/plain>`` (target >= 0.90): the median over batches
 of plain time / hooked time for the same batch (robust to load bursts on a shared
-machine; the ratio of total times is printed as well).
+machine; the ratio of total times is printed as well). The header line says which
+statistics path the hooks took (``compiled`` CPU kernels, or ``torch``: set
+``GPRUNE_NATIVE=0`` to measure the pure-torch path).
 
     python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 3
 """
@@ -90,6 +92,7 @@ def main(argv=None) -> float:
           f"tokens_per_pass={args.n * args.seq_len} batch={args.batch} repeats={args.repeats}")
     peaks = measure_peaks(lambda: [plain(b) for b in batches],
                           lambda: [hooked(b) for b in batches], device)   # also the warm-up
+    print(f"statistics_path={'+'.join(sorted(capture.paths_used))}")
     times: dict[str, list[float]] = {"plain": [], "hooked": []}
     for repeat in range(args.repeats):   # same batch back to back, order alternating
         for index, batch in enumerate(batches):

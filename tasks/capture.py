@@ -15,7 +15,9 @@ Files of a capture artifact:
     layer int32, cosine_sum float64, cosine_count int64
   the sum over real tokens of cos(hidden state entering the layer, leaving it).
 
-Manifest extra: source, tokens (real), requested_tokens, family, model_path, device.
+Manifest extra: source, tokens (real), requested_tokens, family, model_path, device,
+statistics_path ("compiled": the fused CPU kernels of gprune.maths.native; "torch": the
+pure-torch reference path, used on GPUs, for non-float32 models and without a C compiler).
 """
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_
         write_table(result.layers, LAYERS_SCHEMA, out.file("layers.parquet"))
         out.extra.update({"source": config.source, "tokens": tokens,
                           "requested_tokens": config.requested_tokens, "family": ref.family,
-                          "model_path": str(ref.path), "device": device})
+                          "model_path": str(ref.path), "device": device,
+                          "statistics_path": result.statistics_path})
 
     return run_stage(store, "capture", spec, build, force)
 

@@ -1,6 +1,9 @@
 """Capture stage: statistics equal a brute-force computation over materialized activations."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,22 @@ from gprune.models.adapters import adapter_for
 from gprune.models.tiny import tiny_model
 
 TAU = 0.5
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def capture_path(request, monkeypatch) -> str:
+    """Run a test through the compiled CPU kernels and through the pure-torch statistics."""
+    from gprune.maths.native import NATIVE_ENV, capture_kernels
+
+    if request.param == "torch":
+        monkeypatch.setenv(NATIVE_ENV, "0")
+        assert capture_kernels() is None
+    else:
+        monkeypatch.delenv(NATIVE_ENV, raising=False)
+        if shutil.which(os.environ.get("CC") or "cc") is None:
+            pytest.skip("no C compiler: the compiled kernels cannot be built here")
+        assert capture_kernels() is not None   # a compiler is here: the kernels must build
+    return request.param
 
 
 def _tokens(n=5, length=24, seed=1):
@@ -68,7 +87,7 @@ def _brute_force_channels(x):
                 sum_abs=np.abs(x).sum(0), active=(np.abs(x) > TAU * rms).sum(0))
 
 
-def test_statistics_equal_brute_force(family):
+def test_statistics_equal_brute_force(family, capture_path):
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     ids, mask = _tokens()
@@ -79,6 +98,7 @@ def test_statistics_equal_brute_force(family):
     finally:
         recorder.remove()
     assert result.tokens == int(mask.sum()) == 5 + 10 + 24 + 24
+    assert result.statistics_path == capture_path
     shape = adapter.shape(model.config)
     for layer in range(shape.num_layers):
         for kind, width in (("mlp", shape.intermediate), ("attn", shape.heads * shape.head_dim)):
@@ -99,7 +119,7 @@ def test_statistics_equal_brute_force(family):
         np.testing.assert_allclose(row.cosine_sum, cosine.sum(), rtol=1e-6)
 
 
-def test_padding_never_enters_and_batching_does_not_matter():
+def test_padding_never_enters_and_batching_does_not_matter(capture_path):
     model = tiny_model("qwen2")   # attention with biases
     adapter = adapter_for(model.config)
     ids, mask = _tokens()
@@ -139,7 +159,7 @@ def _no_hooks(model):
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-def test_nan_is_an_error_naming_layer_and_source_and_hooks_are_removed():
+def test_nan_is_an_error_naming_layer_and_source_and_hooks_are_removed(capture_path):
     model = tiny_model("llama")
     adapter = adapter_for(model.config)
     with torch.no_grad():

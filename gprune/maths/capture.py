@@ -14,6 +14,10 @@ Only the non-padding tokens of each batch enter the statistics: the attention ma
 is turned once per forward into the list of flat row indices to keep. Hooks are
 registered on ``__enter__`` and always removed on ``__exit__``. Nothing but the
 running sums (see ``gprune.maths.moments``) outlives a forward pass.
+
+On a CPU, float32 activations go through the compiled kernels of ``gprune.maths.native``
+(one fused pass, the padding rows skipped by index); everything else, and every CPU without
+a C compiler, through the pure-torch statistics of ``gprune.maths.moments``.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 
 from gprune.errors import GpruneError
 from gprune.maths.moments import ChannelMoments, CosineSum, Workspace, default_chunk_elements
+from gprune.maths.native import capture_kernels
 from gprune.models.adapters import FamilyAdapter
 
 KINDS = ("mlp", "attn")
@@ -49,6 +54,9 @@ class ActivationCapture:
         self.layers = adapter.decoder_layers(model)
         device = next(model.parameters()).device
         self.workspace = Workspace(device)
+        # one fused pass per activation on a CPU (float32); the torch path otherwise
+        self.kernels = capture_kernels() if device.type == "cpu" else None
+        self.paths_used: set[str] = set()   # "compiled" and/or "torch", for the manifest
         self.moments: dict[str, list[ChannelMoments]] = {
             "mlp": [ChannelMoments(adapter.mlp_output(layer).in_features, tau_act, device)
                     for layer in self.layers],
@@ -117,7 +125,7 @@ class ActivationCapture:
 
     def _chunks(self, hidden: torch.Tensor, rows_per_chunk: int,
                 buffer: str) -> Iterator[torch.Tensor]:
-        """(B, T, C) -> its non-padding tokens as successive (m, C) blocks, m <= rows_per_chunk.
+        """(..., C) -> its non-padding tokens as successive (m, C) blocks, m <= rows_per_chunk.
 
         Without padding the blocks are views; with padding they are gathered into a reused
         buffer (valid until the next block).
@@ -134,10 +142,17 @@ class ActivationCapture:
                 yield torch.index_select(flat, 0, rows[start:stop], out=out)
 
     def _on_channels(self, moments: ChannelMoments, module: nn.Module, args: tuple) -> None:
-        if self._feeding:
-            with serial_on_this_thread(self.workspace.device):
-                for chunk in self._chunks(args[0], moments.chunk_rows, "capture.select"):
-                    moments.update(chunk, self.workspace)
+        if not self._feeding:
+            return
+        flat = args[0].reshape(-1, args[0].shape[-1])                          # (B*T, C)
+        if self.kernels is not None and self.kernels.accepts(flat):
+            moments.update_fused(self.kernels, flat, self._rows)
+            self.paths_used.add("compiled")
+            return
+        self.paths_used.add("torch")
+        with serial_on_this_thread(self.workspace.device):
+            for chunk in self._chunks(flat, moments.chunk_rows, "capture.select"):
+                moments.update(chunk, self.workspace)
 
     def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict,
                   output) -> None:
@@ -151,6 +166,15 @@ class ActivationCapture:
             return
         hidden_in = args[0] if args else kwargs["hidden_states"]
         hidden_out = output[0] if isinstance(output, (tuple, list)) else output
+        flat_in = hidden_in.reshape(-1, hidden_in.shape[-1])                    # (B*T, H)
+        flat_out = hidden_out.reshape(-1, hidden_out.shape[-1])                 # (B*T, H)
+        if self.kernels is not None and self.kernels.accepts(flat_in, flat_out):
+            total = self.kernels.cosine_sum(flat_in, flat_out, self._rows)
+            self.cosines[index].add(total, flat_out.shape[0] if self._rows is None
+                                    else self._rows.numel())
+            self.paths_used.add("compiled")
+            return
+        self.paths_used.add("torch")
         last_out, last_norms = self._last_output
         norms_in = last_norms if hidden_in is last_out else None
         width = hidden_out.shape[-1]
@@ -263,6 +287,7 @@ class CaptureResult:
     channels: pd.DataFrame
     layers: pd.DataFrame
     tokens: int
+    statistics_path: str   # "compiled", "torch" or "compiled+torch": which code summed them
 
 
 def capture_statistics(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
@@ -286,4 +311,5 @@ def capture_statistics(model: nn.Module, adapter: FamilyAdapter, input_ids: torc
                 raise NonFiniteActivationError(
                     f"NaN or inf in the {bad[1]} of layer {bad[0]}{where}; check the model "
                     "weights and load the model in float32")
-        return CaptureResult(capture.channel_frame(), capture.layer_frame(), capture.tokens)
+        return CaptureResult(capture.channel_frame(), capture.layer_frame(), capture.tokens,
+                             "+".join(sorted(capture.paths_used)) or "none")

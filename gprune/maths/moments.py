@@ -21,6 +21,10 @@ through a ``Workspace`` of reused buffers: fresh multi-megabyte allocations per 
 more than the reductions themselves on a CPU.
 
 No BLAS call is made (sums are ATen reductions): MKL would thread even a small gemv.
+
+This is the reference path (GPUs, non-float32 activations, machines without a C compiler);
+on a CPU the capture hooks normally call the fused kernels of ``gprune.maths.native``
+through ``ChannelMoments.update_fused`` and ``CosineSum.add``, which tests hold to it.
 """
 from __future__ import annotations
 
@@ -93,6 +97,13 @@ class ChannelMoments:
         torch.sum(torch.gt(x, threshold, out=x), 0, out=partial[3])
         self.totals.add_(partial)
 
+    def update_fused(self, kernels, x: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Add the rows of x (N, C) selected by ``rows`` (all if None) in one compiled pass.
+
+        ``kernels``: a ``gprune.maths.native.CaptureKernels`` that accepts ``x``.
+        """
+        self.count += kernels.channel_moments(x, rows, self.tau_act, self.totals)
+
     # ---- derived -----------------------------------------------------------
     def mean(self) -> torch.Tensor:
         """(C,) mean of x_c."""
@@ -133,6 +144,11 @@ class CosineSum:
         cosine = dot / (norm_in * norm_out).clamp_min(torch.finfo(dtype).tiny)       # (n,)
         self.total += cosine.sum(dtype=torch.float64)
         self.count += int(hidden_in.shape[0])
+
+    def add(self, cosine_total: float, count: int) -> None:
+        """Add ``count`` tokens whose cosines sum to ``cosine_total`` (computed elsewhere)."""
+        self.total += cosine_total
+        self.count += int(count)
 
     def finite(self) -> torch.Tensor:
         return torch.isfinite(self.total)
