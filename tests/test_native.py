@@ -80,6 +80,8 @@ def test_only_float32_cpu_matrices_with_contiguous_channels_are_accepted(kernels
         assert not kernels.accepts(other)
     with pytest.raises(ValueError, match="float64"):
         kernels.channel_moments(x, None, 0.5, torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.cosine_sum(x, x, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="int64"):
         kernels.channel_moments(x, torch.tensor([0, 1], dtype=torch.int32), 0.5,
                                 torch.zeros(4, 6, dtype=torch.float64))

@@ -85,6 +85,8 @@ def _index(rows: torch.Tensor | None, n_all: int) -> tuple[int | None, int]:
         return None, n_all
     if rows.dtype != torch.int64 or rows.dim() != 1 or not rows.is_contiguous():
         raise ValueError("the row index must be a contiguous 1-D int64 tensor")
+    if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < n_all):
+        raise ValueError(f"row index out of range for {n_all} rows")   # the C code trusts it
     return rows.data_ptr(), rows.numel()
 
 
