@@ -10,8 +10,8 @@ so drift in machine load (a shared CPU) hits both alike.
 Prints tokens/s for both, peak memory, and as its last line
 ``capture_throughput_ratio=<hooked/plain>`` (target >= 0.90): the median over batches
 of plain time / hooked time for the same batch (robust to load bursts on a shared
-machine; the ratio of total times is printed as well). The header line says which
-statistics path the hooks took (``compiled`` CPU kernels, or ``torch``: set
+machine; the ratio of total times is printed as well). The ``statistics_path=`` line says
+which statistics path the hooks took (``compiled`` CPU kernels, or ``torch``: set
 ``GPRUNE_NATIVE=0`` to measure the pure-torch path).
 
     python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 3

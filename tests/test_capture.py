@@ -1,7 +1,6 @@
 """Capture stage: statistics equal a brute-force computation over materialized activations."""
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -20,14 +19,14 @@ TAU = 0.5
 @pytest.fixture(params=["compiled", "torch"])
 def capture_path(request, monkeypatch) -> str:
     """Run a test through the compiled CPU kernels and through the pure-torch statistics."""
-    from gprune.maths.native import NATIVE_ENV, capture_kernels
+    from gprune.maths.native import NATIVE_ENV, capture_kernels, compiler_command
 
     if request.param == "torch":
         monkeypatch.setenv(NATIVE_ENV, "0")
         assert capture_kernels() is None
     else:
         monkeypatch.delenv(NATIVE_ENV, raising=False)
-        if shutil.which(os.environ.get("CC") or "cc") is None:
+        if shutil.which(compiler_command()) is None:
             pytest.skip("no C compiler: the compiled kernels cannot be built here")
         assert capture_kernels() is not None   # a compiler is here: the kernels must build
     return request.param

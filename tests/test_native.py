@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 
 import numpy as np
@@ -16,7 +15,7 @@ from gprune.maths.moments import ChannelMoments, Workspace
 @pytest.fixture
 def kernels(monkeypatch):
     monkeypatch.delenv(native.NATIVE_ENV, raising=False)
-    if shutil.which(os.environ.get("CC") or "cc") is None:
+    if shutil.which(native.compiler_command()) is None:
         pytest.skip("no C compiler: the compiled kernels cannot be built here")
     built = native.capture_kernels()
     assert built is not None

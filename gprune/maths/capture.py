@@ -168,10 +168,9 @@ class ActivationCapture:
         hidden_out = output[0] if isinstance(output, (tuple, list)) else output
         flat_in = hidden_in.reshape(-1, hidden_in.shape[-1])                    # (B*T, H)
         flat_out = hidden_out.reshape(-1, hidden_out.shape[-1])                 # (B*T, H)
+        n = flat_out.shape[0] if self._rows is None else self._rows.numel()    # real tokens
         if self.kernels is not None and self.kernels.accepts(flat_in, flat_out):
-            total = self.kernels.cosine_sum(flat_in, flat_out, self._rows)
-            self.cosines[index].add(total, flat_out.shape[0] if self._rows is None
-                                    else self._rows.numel())
+            self.cosines[index].add(self.kernels.cosine_sum(flat_in, flat_out, self._rows), n)
             self.paths_used.add("compiled")
             return
         self.paths_used.add("torch")
@@ -179,7 +178,6 @@ class ActivationCapture:
         norms_in = last_norms if hidden_in is last_out else None
         width = hidden_out.shape[-1]
         rows_per_chunk = max(1, default_chunk_elements(self.workspace.device) // width)
-        n = hidden_out.shape[0] * hidden_out.shape[1] if self._rows is None else self._rows.numel()
         norms_out = self.workspace.buffer(f"capture.norms{index % 2}", (n,),
                                           norm_dtype(hidden_out.dtype))                 # (n,)
         blocks = zip(self._chunks(hidden_in, rows_per_chunk, "capture.layer_in"),

@@ -94,11 +94,16 @@ def capture_kernels() -> CaptureKernels | None:
     """The compiled kernels, or None (disabled, or no compiler: warned once)."""
     if os.environ.get(NATIVE_ENV, "1").strip() == "0":
         return None
-    compiler = os.environ.get("CC") or "cc"
+    compiler = compiler_command()
     with _LOCK:
         if compiler not in _LOADED:
             _LOADED[compiler] = _build_and_load(compiler)
         return _LOADED[compiler]
+
+
+def compiler_command() -> str:
+    """The C compiler the kernels are built with: $CC, else ``cc``."""
+    return os.environ.get("CC") or "cc"
 
 
 def _build_and_load(compiler: str) -> CaptureKernels | None:
