@@ -17,7 +17,7 @@ from gprune.maths.surgery import apply_plan, head_channels, removed_channels
 from gprune.models.adapters import ModelShape, adapter_for
 from gprune.models.loader import load_model, resolve_model
 from gprune.models.pruned import (MANIFEST_FILE, finalize, load_pruned, param_count,
-                                  read_manifest)
+                                  read_manifest, save_pruned)
 from gprune.models.tiny import save_tiny_model, tiny_model
 from tasks.base import run_stage, stage_spec
 from tasks.surgery import MODEL_DIR, run_surgery
@@ -26,9 +26,11 @@ TOL = 1e-4
 
 
 # ---- helpers ---------------------------------------------------------------------
-def random_plan(shape: ModelShape, fingerprint: str, family: str, seed: int = 0) -> PruningPlan:
+def random_plan(shape: ModelShape, fingerprint: str, family: str, seed: int = 0,
+                last_without_attention: bool = False) -> PruningPlan:
     """Layer 0: no attention at all (the cache's length is read from layer 0); layer 1:
-    drops a KV group and heads inside kept groups; layer 2: a one-channel MLP."""
+    drops a KV group and heads inside kept groups; layer 2: a one-channel MLP. With
+    ``last_without_attention`` the last layer keeps no attention either."""
     rng = random.Random(seed)
     g, kv = shape.group_size, shape.kv_heads
 
@@ -45,6 +47,9 @@ def random_plan(shape: ModelShape, fingerprint: str, family: str, seed: int = 0)
               LayerPlan.from_heads(2, mlp(1), heads(kv, 1), shape)]
     for i in range(3, shape.num_layers):
         layers.append(LayerPlan.from_heads(i, mlp(shape.intermediate // 2), heads(kv, g), shape))
+    if last_without_attention:
+        last = layers[-1]
+        layers[-1] = LayerPlan.from_heads(last.layer, last.mlp_keep, [], shape)
     return PruningPlan(fingerprint, family, "test", 0.5, shape, tuple(layers))
 
 
@@ -116,10 +121,12 @@ def expected_params(dense, plan: PruningPlan, compensated: bool) -> int:
     return param_count(dense) - removed + added
 
 
-def pruned_in_memory(family: str, means: dict | None = None):
+def pruned_in_memory(family: str, means: dict | None = None,
+                     last_without_attention: bool = False):
     dense = tiny_model(family)
     adapter = adapter_for(dense.config)
-    plan = random_plan(adapter.shape(dense.config), "fp", family, seed=len(family))
+    plan = random_plan(adapter.shape(dense.config), "fp", family, seed=len(family),
+                       last_without_attention=last_without_attention)
     pruned = copy.deepcopy(dense)
     finalize(pruned, adapter, apply_plan(pruned, adapter, plan, means))
     return dense, pruned, plan
@@ -179,18 +186,68 @@ def test_pruned_equals_masked_dense(family):
     assert param_count(pruned) == expected_params(dense, plan, compensated=False)
 
 
-def test_cache_continuation_matches_full_forward(family):
-    """Prefill then continue from the cache (no position ids): the zero-head layer 0 must
+@pytest.mark.parametrize("last_without_attention", [False, True], ids=["first", "first+last"])
+def test_cache_continuation_matches_full_forward(family, last_without_attention):
+    """Prefill then continue from the cache (no position ids): the zero-head layers must
     keep the cache length right, or positions and mask sizes go wrong."""
-    _, pruned, plan = pruned_in_memory(family)
+    _, pruned, plan = pruned_in_memory(family, last_without_attention=last_without_attention)
     assert plan.layers[0].heads_keep == ()
+    assert (plan.layers[-1].heads_keep == ()) == last_without_attention
     ids = ids_for(3)
     with torch.no_grad():
         full = pruned(ids).logits
         prefix = pruned(ids[:, :7], use_cache=True)
-        assert prefix.past_key_values.get_seq_length() == 7
-        step = pruned(ids[:, 7:], past_key_values=prefix.past_key_values).logits
+        cache = prefix.past_key_values
+        assert cache.get_seq_length() == 7
+        assert [cache.get_seq_length(i) for i in range(len(plan.layers))] == \
+            [7] * len(plan.layers)
+        step = pruned(ids[:, 7:], past_key_values=cache).logits
     assert (step - full[:, 7:]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("last_without_attention", [False, True], ids=["first", "first+last"])
+def test_greedy_generate_matches_masked_dense(family, last_without_attention, tmp_path):
+    """16 greedy tokens from the saved checkpoint (remote code, KV cache) equal greedy
+    decoding of the dense model with the same units masked, without a cache; so does a
+    generation resumed from the cache an earlier generate() returned (its start position
+    is read from the cache's length)."""
+    from transformers import AutoModelForCausalLM
+
+    dense, pruned, plan = pruned_in_memory(family, last_without_attention=last_without_attention)
+    save_pruned(pruned, None, tmp_path / "ckpt", {"test": True})
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt",
+                                                  trust_remote_code=True).eval()
+    reference = masked_reference(dense, plan)
+    prompt = ids_for(4)[:, :5]
+    with torch.no_grad():
+        got = remote.generate(prompt, use_cache=True, **greedy(16))
+        want = reference.generate(prompt, use_cache=False, **greedy(16))
+        first = remote.generate(prompt, use_cache=True, return_dict_in_generate=True,
+                                **greedy(8))
+        cache = {cache_keyword(remote): returned_cache(first)}
+        resumed = remote.generate(first.sequences, use_cache=True, **cache, **greedy(8),
+                                  attention_mask=torch.ones_like(first.sequences))  # pads too
+        unpruned = tiny_model(family).generate(prompt, use_cache=True, **greedy(16))
+    assert got.shape == (2, 21)
+    assert torch.equal(got, want)
+    assert torch.equal(resumed, want)
+    assert not torch.equal(got, unpruned)      # the plan changes what the model says
+
+
+def greedy(tokens: int) -> dict:
+    return dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=258)
+
+
+def cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.24."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
+def returned_cache(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def test_bias_compensation_equals_mean_replacement(family):

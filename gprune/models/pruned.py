@@ -88,7 +88,8 @@ def finalize(model: nn.Module, adapter: FamilyAdapter, sizes: list[dict]) -> nn.
 def _empty_attention(module: ModuleType, layer: nn.Module, idx: int,
                      adapter: FamilyAdapter, hidden: int, spec: dict) -> None:
     o = adapter.attn_output(layer)
-    empty = module.GpruneEmptyAttention(idx, hidden, spec["attn_out_bias"], o.weight)
+    empty = module.GpruneEmptyAttention(adapter.attn_module(layer), idx, hidden,
+                                        spec["attn_out_bias"])
     if o.bias is not None:
         with torch.no_grad():
             getattr(empty, adapter.o).bias.copy_(o.bias)
