@@ -2,10 +2,16 @@
 
 Every stage output is a folder ``<root>/<stage>/<key>`` where ``key`` is
 ``<stage>-<hash>`` and the hash covers everything the output depends on (model
-fingerprint, input artifact keys, parameters, code version). A folder is built
-under ``<root>/.tmp`` and renamed into place only after its manifest, written
-last, is on disk: a reader never sees a half-written artifact, and a killed
-write leaves only a temporary folder that the next write sweeps away.
+fingerprint, input artifact keys, parameters, and the digest of the stage's code,
+``artifacts.code_digest``). A folder is built under ``<root>/.tmp`` and renamed into
+place only after its manifest, written last, is on disk: a reader never sees a
+half-written artifact, and a killed write leaves only a temporary folder that the
+next write sweeps away.
+
+The manifest records every file's size and sha256. ``read`` checks every size and
+the hash of every file up to ``HASH_LIMIT`` bytes (larger ones: ``gprune verify``);
+a corrupt artifact raises ``CorruptArtifactError`` and ``quarantine`` moves it aside
+to ``<root>/.quarantine/<key>.<UTC time>`` (never deleted).
 """
 from __future__ import annotations
 
@@ -20,14 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from artifacts.code_digest import stage_digest
 from gprune import __version__ as CODE_VERSION
-from gprune.errors import ArtifactError
+from gprune.errors import ArtifactError, CorruptArtifactError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 STORE_ENV = "GPRUNE_STORE"
 DEFAULT_ROOT = Path.home() / ".cache" / "gprune" / "store"
 STALE_TMP_SECONDS = 6 * 3600
+HASH_LIMIT = 16 * 2**20  # read() hashes files up to this size; sizes are always checked
+CHUNK = 2**20
+QUARANTINE = ".quarantine"
 
 
 def default_root() -> Path:
@@ -40,9 +50,18 @@ def canonical_json(obj: Any) -> str:
 
 
 def artifact_key(stage: str, spec: dict[str, Any]) -> str:
-    """Key of a stage output: the stage name and a hash of its whole spec."""
-    payload = canonical_json({"stage": stage, "code_version": CODE_VERSION, **spec})
+    """Key of a stage output: the stage name, its code digest and a hash of its whole spec."""
+    payload = canonical_json({"stage": stage, "code_digest": stage_digest(stage).digest, **spec})
     return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -91,9 +110,21 @@ class ArtifactStore:
     def exists(self, key: str) -> bool:
         return (self.path(key) / MANIFEST).is_file()
 
+    def keys(self) -> list[str]:
+        """Keys of every published artifact (a manifest on disk), intact or not."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob("*/*/" + MANIFEST)
+                      if not p.parent.parent.name.startswith("."))
+
     # ---- reading ---------------------------------------------------------
-    def read(self, key: str, stage: str | None = None) -> Artifact:
-        """Load and verify an artifact; refuse a missing, partial or mismatched one."""
+    def read(self, key: str, stage: str | None = None,
+             hash_limit: int | None = HASH_LIMIT) -> Artifact:
+        """Load and verify an artifact; refuse a missing, partial, corrupt or mismatched one.
+
+        Every file's size is checked, and the sha256 of files up to ``hash_limit`` bytes
+        (None: every file; 0: sizes only). Manifests without hashes get sizes only.
+        """
         folder = self.path(key)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
@@ -103,33 +134,48 @@ class ArtifactStore:
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"artifact {key} has a corrupted manifest ({err}); "
-                                f"delete {folder} and rerun its stage") from err
-        self._verify(key, folder, manifest, stage)
+            raise CorruptArtifactError(key, f"unreadable manifest ({err})") from err
+        self._verify(key, folder, manifest, stage, hash_limit)
         return Artifact(key=key, path=folder, manifest=manifest)
 
-    def _verify(self, key: str, folder: Path, manifest: dict, stage: str | None) -> None:
-        if manifest.get("key") != key or manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"artifact {key}: manifest does not match its folder; "
-                                f"delete {folder} and rerun its stage")
+    def _verify(self, key: str, folder: Path, manifest: dict, stage: str | None,
+                hash_limit: int | None) -> None:
+        if not isinstance(manifest, dict) or manifest.get("key") != key \
+                or manifest.get("format_version") != FORMAT_VERSION:
+            raise CorruptArtifactError(key, "manifest does not match its folder")
         if stage is not None and manifest.get("stage") != stage:
             raise ArtifactError(f"artifact {key} is a {manifest.get('stage')!r} artifact, "
                                 f"expected a {stage!r} artifact")
         for name, info in manifest.get("files", {}).items():
             path = folder / name
             if not path.is_file() or path.stat().st_size != info["bytes"]:
-                raise ArtifactError(f"artifact {key}: file {name} is missing or truncated; "
-                                    f"delete {folder} and rerun its stage")
+                raise CorruptArtifactError(key, f"file {name} is missing or truncated")
+            digest = info.get("sha256")
+            if digest and (hash_limit is None or info["bytes"] <= hash_limit) \
+                    and file_sha256(path) != digest:
+                raise CorruptArtifactError(key, f"file {name} does not match its sha256")
 
     def list(self) -> list[Artifact]:
+        """Artifacts whose manifest and file sizes check out (hashes: ``gprune verify``)."""
         found = []
-        if not self.root.is_dir():
-            return found
-        for manifest_path in sorted(self.root.glob("*/*/" + MANIFEST)):
-            key = manifest_path.parent.name
+        for key in self.keys():
             with contextlib.suppress(ArtifactError):
-                found.append(self.read(key))
+                found.append(self.read(key, hash_limit=0))
         return found
+
+    def quarantine(self, key: str) -> Path | None:
+        """Move an artifact's folder to ``<root>/.quarantine/<key>.<UTC time>`` (atomic
+        rename; nothing is deleted). None when the folder is already gone."""
+        target = self.root / QUARANTINE / f"{key}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        candidate, n = target, 1
+        while candidate.exists():
+            candidate, n = target.with_name(f"{target.name}-{n}"), n + 1
+        try:
+            os.replace(self.path(key), candidate)
+        except FileNotFoundError:
+            return None  # another process moved it first
+        return candidate
 
     # ---- writing ---------------------------------------------------------
     @contextlib.contextmanager
@@ -196,7 +242,7 @@ class PendingArtifact:
 
     def write_manifest(self) -> None:
         files = {
-            str(p.relative_to(self.path)): {"bytes": p.stat().st_size}
+            str(p.relative_to(self.path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(self.path.rglob("*")) if p.is_file()
         }
         manifest = {
@@ -204,6 +250,7 @@ class PendingArtifact:
             "stage": self.stage,
             "format_version": FORMAT_VERSION,
             "code_version": CODE_VERSION,
+            **stage_digest(self.stage).manifest(),
             **self.spec,
             "extra": self.extra,
             "library_versions": library_versions(),

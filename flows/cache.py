@@ -3,13 +3,16 @@
 A stage task's Prefect cache key IS the artifact key its stage produced (the same
 content hash the store uses). Before a run the key is not known, so every finished
 task records ``request -> artifact key`` in ``<store>/.prefect-requests/``, where the
-request is a hash of the task name, the code version and the task's inputs (stage
-config, input artifact keys, model fingerprint or source stamp). ``compute_key``:
+request is a hash of the task name, the code digest of the stage the task runs
+(``artifacts.code_digest``; edited stage code is a new request) and the task's inputs
+(stage config, input artifact keys, model fingerprint or source stamp). ``compute_key``:
 
 - ``force=True``: no cache key, the stage recomputes;
-- no record, or the recorded artifact is missing from the store: no cache key, the task
-  runs and ``run_stage`` reuses or rebuilds the artifact (so a wiped Prefect cache never
-  recomputes anything, and a deleted artifact is never served from Prefect's cache);
+- no record, or the recorded artifact is missing from the store or fails verification
+  (sizes, and hashes of files up to ``HASH_LIMIT``): no cache key, the task runs and
+  ``run_stage`` reuses or rebuilds the artifact (so a wiped Prefect cache never
+  recomputes anything, and a deleted or corrupt artifact is never served from Prefect's
+  cache: ``run_stage`` quarantines the corrupt copy and rebuilds it);
 - otherwise: the artifact key, and Prefect returns its cached value, which is that key.
 
 A task that ran without a cache key writes its result under the artifact key itself,
@@ -32,11 +35,13 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
+from artifacts.code_digest import stage_digest
 from artifacts.store import MANIFEST, ArtifactStore, canonical_json
-from gprune import __version__ as CODE_VERSION
+from gprune.errors import ArtifactError
 
 RECORDS = ".prefect-requests"
 NOT_IDENTITY = ("force", "store_root")  # inputs that do not change the artifact
+TASK_STAGE = {"allocate": "plan"}  # task name -> stage name, where they differ
 
 
 def _jsonable(value: Any) -> Any:
@@ -52,8 +57,8 @@ def _jsonable(value: Any) -> Any:
 def request_id(task_name: str, inputs: dict[str, Any]) -> str:
     """Hash of what a task was asked to do (everything its artifact key depends on)."""
     identity = {k: _jsonable(v) for k, v in sorted(inputs.items()) if k not in NOT_IDENTITY}
-    payload = canonical_json({"task": task_name, "code_version": CODE_VERSION,
-                              "inputs": identity})
+    code = stage_digest(TASK_STAGE.get(task_name, task_name)).digest
+    payload = canonical_json({"task": task_name, "code_digest": code, "inputs": identity})
     return f"{task_name}-{hashlib.sha256(payload.encode()).hexdigest()[:24]}"
 
 
@@ -78,7 +83,7 @@ def record(store: ArtifactStore, request: str, key: str) -> None:
 
 @dataclass
 class ArtifactKeyCache(CachePolicy):
-    """Cache key = the recorded artifact key, only while that artifact exists."""
+    """Cache key = the recorded artifact key, only while that artifact exists and verifies."""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
                     flow_parameters: dict[str, Any], **kwargs: Any) -> Optional[str]:
@@ -86,7 +91,13 @@ class ArtifactKeyCache(CachePolicy):
             return None
         store = ArtifactStore(inputs.get("store_root"))
         key = recorded_key(store, request_id(task_ctx.task.name, inputs))
-        return key if key and store.exists(key) else None
+        if not key:
+            return None
+        try:
+            store.read(key)
+        except ArtifactError:
+            return None  # gone or corrupt: the task runs, run_stage rebuilds it
+        return key
 
 
 ARTIFACT_CACHE = ArtifactKeyCache()

@@ -5,7 +5,8 @@ temporary folder. Covered: a flow run with two targets completes; a second run w
 more target recomputes no capture, stats, partition or score (artifact manifests and
 task states); a deleted artifact is never served from Prefect's cache; a wiped Prefect
 cache recomputes nothing; a run killed in the middle of a stage, rerun, completes
-without using the half-written artifact; the Dask task runner on a 2-worker cluster.
+without using the half-written artifact; artifacts corrupted without changing size are
+quarantined and rebuilt by the next run; the Dask task runner on a 2-worker cluster.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from artifacts.store import ArtifactStore
+from artifacts.store import QUARANTINE, ArtifactStore
 from gprune.configs.pipeline import PipelineConfig
+from gprune.errors import CorruptArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = ("capture", "stats", "partition", "score", "path")  # one per run, whatever the targets
@@ -196,6 +198,39 @@ def test_killed_run_reruns_without_half_written_artifact(prefect_api, tmp_path):
     assert states["score"] == ["Completed"]
     for key in [*result["plans"].values(), *result["checkpoints"].values()]:
         store.read(key)
+
+
+def flip_byte(path: Path) -> None:
+    """Corrupt a file without changing its size."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_artifacts_are_quarantined_and_rebuilt(prefect_api, tmp_path):
+    """Same-size corruption of a stats file and of plan.json: the next run moves both to
+    quarantine, rebuilds them under the same keys (not served from Prefect's cache) and
+    finishes; the stages in between are served from cache."""
+    store_root, params = tmp_path / "store", dict(sparsities=[0.25], evaluate=False)
+    first, _ = run_flow(store_root, **params)
+    store = ArtifactStore(store_root)
+    corrupted = {first["stats"]: "units.parquet", first["plans"]["gprune@0.25"]: "plan.json"}
+    for key, name in corrupted.items():
+        flip_byte(store.path(key) / name)
+        with pytest.raises(CorruptArtifactError, match=name):
+            store.read(key)
+
+    result, states = run_flow(store_root, **params)
+
+    assert result["stats"] == first["stats"] and result["plans"] == first["plans"]
+    assert states["stats"] == ["Completed"] and states["allocate"] == ["Completed"]
+    for stage in ("capture", "partition", "score", "path", "surgery"):
+        assert set(states[stage]) == {"Cached"}, (stage, states[stage])
+    for key, name in corrupted.items():
+        store.read(key, hash_limit=None)  # rebuilt and whole
+        moved = list((store_root / QUARANTINE).glob(f"{key}.*"))
+        assert len(moved) == 1 and (moved[0] / name).is_file()
+    assert sorted(a.key for a in store.list()) == sorted(store.keys())
 
 
 def test_dask_task_runner_on_local_cluster(prefect_api, tmp_path):
