@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
+    from gprune.configs.evaluate import EvalConfig
     from gprune.configs.pipeline import DEFAULT_EVAL_SOURCES, DEFAULT_SOURCES
+
+    EVAL = EvalConfig.model_fields
 
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (embedded default), tiny:<family>, an HF folder, or a Hub id")
@@ -72,10 +75,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="learned-allocator Adam steps (default: 48 path, 30 per target)")
     p.add_argument("--no-attention", action="store_true", help="prune MLP channels only")
     p.add_argument("--no-eval", action="store_true", help="stop after surgery")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per source")
-    p.add_argument("--mc-tasks", nargs="*", default=["mmlu_local", "siqa_local"])
-    p.add_argument("--mc-limit", type=int, default=200, help="examples per task")
-    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--eval-tokens", type=int, default=EVAL["ppl_tokens"].default,
+                   help="held-out tokens per source (GPU: e.g. 32768)")
+    p.add_argument("--mc-tasks", nargs="*", default=list(EVAL["mc_tasks"].default))
+    p.add_argument("--mc-limit", type=int, default=EVAL["mc_limit"].default,
+                   help="examples per task (GPU: e.g. 1000)")
+    p.add_argument("--speed", action="store_true",
+                   help="also time prefill/decode (pruned interleaved with dense)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--force", nargs="*", default=[], help="stages to recompute (or 'all')")
 
@@ -92,7 +98,7 @@ def pipeline_from_args(args):
         capture_seq_len=args.capture_seq_len, allocator_steps=args.allocator_steps,
         prune_attention=not args.no_attention, evaluate=not args.no_eval,
         eval_tokens=args.eval_tokens, mc_tasks=args.mc_tasks, mc_limit=args.mc_limit,
-        speed=not args.no_speed, device=args.device, force=args.force)
+        speed=args.speed, device=args.device, force=args.force)
 
 
 def cmd_run(args) -> int:

@@ -69,12 +69,16 @@ def _surgery(p):
 
 
 def _evaluate(p):
+    from gprune.configs.evaluate import EvalConfig
+    from gprune.configs.pipeline import DEFAULT_EVAL_SOURCES
+
+    defaults = EvalConfig.model_fields
     p.add_argument("--model", required=True, help="a surgery key or a dense model spec")
-    p.add_argument("--sources", nargs="*", default=["wikipedia", "web", "code", "news", "math", "docs"])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--mc-tasks", nargs="*", default=["mmlu_local", "siqa_local"])
-    p.add_argument("--mc-limit", type=int, default=200)
-    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--sources", nargs="*", default=list(DEFAULT_EVAL_SOURCES))
+    p.add_argument("--tokens", type=int, default=defaults["ppl_tokens"].default)
+    p.add_argument("--mc-tasks", nargs="*", default=list(defaults["mc_tasks"].default))
+    p.add_argument("--mc-limit", type=int, default=defaults["mc_limit"].default)
+    p.add_argument("--speed", action="store_true", help="also time prefill/decode")
     p.add_argument("--device", default="auto")
 
 
@@ -164,7 +168,7 @@ def _run_evaluate(args, store):
     from tasks.evaluate import run_evaluate
 
     config = EvalConfig.build(ppl_tokens=args.tokens, mc_tasks=tuple(args.mc_tasks),
-                              mc_limit=args.mc_limit, speed=not args.no_speed, device=args.device)
+                              mc_limit=args.mc_limit, speed=args.speed, device=args.device)
     corpora = {s: run_corpus(CorpusConfig.build(source=s), store) for s in args.sources}
     return run_evaluate(config, store, args.model, corpora, force=args.force)
 

@@ -5,12 +5,21 @@ or a dense model spec (``smollm2``, ``tiny:llama``, a folder). The artifact key
 depends only on the checkpoint's identity (surgery key or dense fingerprint), the
 corpus keys and the EvalConfig, so the dense model is evaluated once and reused by
 every pruning run. Output: ``results.parquet`` (schema in ``gprune.eval.results``).
+
+Order within one evaluation: perplexity, multiple choice, size, then (``speed=True``)
+the speed probe, last so it does not time a cold model; a pruned checkpoint is timed
+interleaved with its dense source model (loaded for the probe), which gives speedups
+that a drift of the machine's load does not bias. The flow runs evaluations one at a
+time. Progress bars only on a terminal (stderr a TTY); otherwise one log line per
+measurement with its time.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +28,7 @@ import torch
 
 from artifacts.store import ArtifactStore, PendingArtifact
 from gprune.configs.evaluate import EvalConfig
+from gprune.errors import GpruneError
 from gprune.eval.mc_tasks import is_file_task
 from gprune.eval.results import record, results_frame
 from gprune.maths import evaluate as em
@@ -33,6 +43,7 @@ class Checkpoint:
     identity: str                 # surgery key or dense fingerprint
     path: Path                    # HF folder
     extra: dict[str, Any] = field(default_factory=dict)
+    source: tuple[str, str] | None = None  # a pruned model's dense (spec, fingerprint)
 
 
 def resolve_checkpoint(store: ArtifactStore, model: str) -> Checkpoint:
@@ -46,7 +57,9 @@ def resolve_checkpoint(store: ArtifactStore, model: str) -> Checkpoint:
             "method": extra.get("method", "unknown"),
             "target_sparsity": float(sparsity) if sparsity is not None else math.nan,
             "achieved_sparsity": extra.get("achieved_sparsity"),
-            "calibration_sources": _calibration_sources(store, extra)})
+            "calibration_sources": _calibration_sources(store, extra)},
+            source=(extra["source_spec"], extra["source_fingerprint"])
+            if extra.get("source_spec") and extra.get("source_fingerprint") else None)
     ref = resolve_model(model)
     return Checkpoint(ref.fingerprint, ref.path, {
         "model": model, "method": "dense", "target_sparsity": 0.0, "achieved_sparsity": 0.0,
@@ -87,12 +100,20 @@ def evaluate_checkpoint(config: EvalConfig, store: ArtifactStore, checkpoint: Ch
     model, tokenizer, adapter = load_model(checkpoint.path, device=device)
     calibration = checkpoint.extra["calibration_sources"]
     seq_len = _window_length(config.seq_len, model)
+    start = time.perf_counter()
     rows = [*_ppl_rows(config, store, corpus_keys, model, tokenizer, seq_len, calibration),
             *_mc_rows(config, model, tokenizer, device),
             *_size_rows(model, adapter, seq_len)]
     if config.speed:
-        rows += _speed_rows(config, model, seq_len)
+        rows += _speed_rows(config, model, seq_len, _dense_source(checkpoint, device))
+    log.info("evaluate: %s (%s) done in %.1f s", checkpoint.extra.get("method"),
+             checkpoint.identity, time.perf_counter() - start)
     return results_frame(rows), seq_len
+
+
+def progress_bars() -> bool:
+    """Bars on a terminal only; logs get one line per measurement instead."""
+    return sys.stderr.isatty()
 
 
 def _window_length(seq_len: int, model) -> int:
@@ -113,8 +134,10 @@ def _ppl_rows(config, store, corpus_keys, model, tokenizer, seq_len, calibration
     for source, key in sorted(corpus_keys.items()):
         texts = read_split(store, key, "heldout")
         ids, mask = sample_sequences(texts, tokenizer, n_windows, seq_len, config.seed)
-        log.info("evaluate: perplexity on %s (%d windows x %d tokens)", source, *ids.shape)
-        result = em.perplexity(model, ids, mask, config.batch_size, progress=True)
+        start = time.perf_counter()
+        result = em.perplexity(model, ids, mask, config.batch_size, progress=progress_bars())
+        log.info("evaluate: perplexity on %s (%d windows x %d tokens): %.2f in %.1f s", source,
+                 *ids.shape, result.ppl, time.perf_counter() - start)
         rows.append(record("ppl", source, "ppl", result.ppl, result.stderr, result.tokens,
                            calibration_sources=calibration))
     return rows
@@ -124,7 +147,8 @@ def _mc_rows(config: EvalConfig, model, tokenizer, device: str) -> list[dict]:
     from gprune.eval.lm_eval_runner import run_mc_tasks
 
     results = run_mc_tasks(model, tokenizer, list(config.mc_tasks), config.mc_limit,
-                           batch_size=config.batch_size, device=device, seed=config.seed)
+                           batch_size=config.mc_batch_size, device=device, seed=config.seed,
+                           progress=progress_bars())
     return [record("mc", r.task, r.metric, r.value, r.stderr, r.examples, r.skipped)
             for r in results]
 
@@ -137,14 +161,44 @@ def _size_rows(model, adapter, seq_len: int) -> list[dict]:
     return rows + [record("size", "flops_per_token", "flops", flops)]
 
 
-def _speed_rows(config: EvalConfig, model, seq_len: int) -> list[dict]:
-    log.info("evaluate: speed probe (prefill %d tokens, decode %d tokens, %d repeats)",
-             seq_len, config.speed_decode_tokens, config.speed_repeats)
-    speeds = em.measure_speed(model, seq_len, config.speed_decode_tokens,
-                              config.speed_repeats, seed=config.seed)
+def _speed_rows(config: EvalConfig, model, seq_len: int, dense=None) -> list[dict]:
+    """Prefill/decode tokens/s of ``model``; with its ``dense`` source model, both are timed
+    interleaved and the speedups over dense are added."""
+    models = {"dense": dense, "model": model} if dense is not None else {"model": model}
+    speeds = em.measure_speeds(models, seq_len, config.speed_decode_tokens,
+                               config.speed_repeats, seed=config.seed)["model"]
+    repeats = config.speed_repeats
     tokens = {"prefill_tokens_per_s": seq_len, "decode_tokens_per_s": config.speed_decode_tokens}
-    return [record("speed", name, "tokens_per_s", value, se, tokens[name] * config.speed_repeats)
-            for name, (value, se) in speeds.items()]
+    rows = [record("speed", name, "tokens_per_s", *speeds[name], tokens[name] * repeats)
+            for name in tokens]
+    rows += [record("speed", name, "ratio", *speeds[name], repeats)
+             for name in ("prefill_speedup", "decode_speedup") if name in speeds]
+    log.info("evaluate: speed probe (prefill %d tokens, decode %d tokens, median of %d%s): "
+             "%.0f and %.1f tokens/s%s", seq_len, config.speed_decode_tokens, repeats,
+             ", interleaved with the dense model" if dense is not None else "",
+             speeds["prefill_tokens_per_s"][0], speeds["decode_tokens_per_s"][0],
+             f", {speeds['prefill_speedup'][0]:.2f}x and {speeds['decode_speedup'][0]:.2f}x "
+             "dense" if dense is not None else "")
+    return rows
+
+
+def _dense_source(checkpoint: Checkpoint, device: str):
+    """The dense model a pruned checkpoint was cut from (the speed reference), or None:
+    for a dense model, or when its spec no longer resolves to the same weights."""
+    if checkpoint.source is None:
+        return None
+    spec, fingerprint = checkpoint.source
+    try:
+        ref = resolve_model(spec)
+    except GpruneError as err:
+        log.warning("evaluate: no speedup over dense: source model %s: %s", spec, err)
+        return None
+    if ref.fingerprint != fingerprint:
+        log.warning("evaluate: no speedup over dense: %s now resolves to other weights "
+                    "(%s, the checkpoint was cut from %s)", spec, ref.fingerprint, fingerprint)
+        return None
+    model, _, _ = load_model(ref.path, device=device)
+    return model
 
 
 def _task_file_digests(tasks: tuple[str, ...]) -> dict[str, str]:

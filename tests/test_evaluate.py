@@ -1,8 +1,12 @@
-"""Evaluate stage: perplexity equals a direct computation, size/FLOPs, caching, tags."""
+"""Evaluate stage: perplexity equals a direct computation, multiple choice through the
+stage, size/FLOPs, speed rows only when asked, caching, tags, log lines instead of bars."""
 from __future__ import annotations
 
+import json
+import logging
 import math
 import shutil
+import statistics
 
 import pandas as pd
 import pytest
@@ -14,6 +18,7 @@ from gprune.configs.corpus import CorpusConfig
 from gprune.configs.evaluate import EvalConfig
 from gprune.data.corpus import sample_sequences
 from gprune.errors import ConfigError
+from gprune.eval.lm_eval_runner import run_mc_tasks
 from gprune.eval.results import COLUMNS
 from gprune.maths import evaluate as em
 from gprune.models.loader import load_model, resolve_model
@@ -102,14 +107,15 @@ def test_dense_is_evaluated_once(store, corpus_key, monkeypatch):
         run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}, force=True)
 
 
-def fake_surgery(store, calibration: list[str]) -> str:
+def fake_surgery(store, calibration: list[str], **extra) -> str:
     """A surgery artifact holding a copy of the tiny model, with run metadata."""
-    spec = {"model": "x", "inputs": {"plan": "fake"}, "params": {"c": calibration}}
+    spec = {"model": "x", "inputs": {"plan": "fake"}, "params": {"c": calibration, **extra}}
     key = artifact_key("surgery", spec)
     with store.write(key, "surgery", spec) as pending:
         shutil.copytree(resolve_model("tiny:llama").path, pending.file("model"))
         pending.extra.update({"method": "wanda_sp", "target_sparsity": 0.3,
-                              "source_spec": "tiny:llama", "calibration_sources": calibration})
+                              "source_spec": "tiny:llama", "calibration_sources": calibration,
+                              **extra})
     return key
 
 
@@ -119,6 +125,7 @@ def test_surgery_checkpoint_tags_in_distribution(store, corpus_key):
     ev = store.read(run_evaluate(config, store, key, {"notes": corpus_key}), stage="evaluate")
     frame = pd.read_parquet(ev.file("results.parquet"))
     assert frame.loc[frame["kind"] == "ppl", "tag"].tolist() == ["in"]
+    assert "speed" not in set(frame["kind"])  # speed=False: no speed rows at all
     assert ev.extra["method"] == "wanda_sp" and ev.extra["target_sparsity"] == 0.3
     assert ev.extra["calibration_sources"] == ["notes"] and ev.extra["model"] == "tiny:llama"
     assert ev.manifest["inputs"]["model"] == key
@@ -148,3 +155,85 @@ def test_bad_config_is_one_line_error(bad):
     with pytest.raises(ConfigError) as err:
         EvalConfig.build(**bad)
     assert "\n" not in str(err.value) and str(err.value).startswith("EvalConfig")
+
+
+def test_multiple_choice_through_the_stage(store, corpus_key, tiny, tmp_path, monkeypatch,
+                                           caplog):
+    """The stage's mc rows are lm-eval's accuracies (whatever mc_batch_size), and without a
+    terminal each measurement is one log line (no progress bars)."""
+    model, tokenizer, _ = tiny
+    rows = [{"query": f"Q: item {i} is?\nA:", "choices": ["odd", "even", "neither"][:2 + i % 2],
+             "gold": i % 2} for i in range(12)]
+    path = tmp_path / "parity.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    import gprune.eval.lm_eval_runner as runner
+    import tasks.evaluate as stage
+
+    monkeypatch.setattr(runner, "tasks_root", lambda: tmp_path / "tasks")
+    monkeypatch.setattr(stage, "progress_bars", lambda: False)
+    frames, keys = [], []
+    for mc_batch_size in (1, 16):
+        config = EvalConfig(**{**FAST, "speed": False, "mc_tasks": (str(path),),
+                               "mc_batch_size": mc_batch_size})
+        with caplog.at_level(logging.INFO, logger="gprune"):
+            keys.append(run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}))
+        frame = pd.read_parquet(store.read(keys[-1]).file("results.parquet"))
+        frames.append(frame[frame["kind"] == "mc"].reset_index(drop=True))
+    assert keys[0] != keys[1]  # every EvalConfig field is in the key
+    pd.testing.assert_frame_equal(frames[0], frames[1])
+    [direct] = run_mc_tasks(model, tokenizer, [str(path)], limit=None, device="cpu",
+                            shared_context=False, batch_size=1, root=tmp_path / "tasks")
+    mc = frames[0].iloc[0]
+    assert (mc["name"], mc["metric"], mc["value"], int(mc["n"])) == (
+        "parity", "acc", direct.value, 12)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("evaluate: perplexity on notes") for m in messages)
+    assert any("loglikelihood requests (12 contexts" in m for m in messages)
+
+
+def speed_rows(store, key) -> pd.DataFrame:
+    frame = pd.read_parquet(store.read(key).file("results.parquet"))
+    return frame[frame["kind"] == "speed"].set_index("name")
+
+
+def test_pruned_speed_is_timed_interleaved_with_its_dense_source(store, corpus_key, caplog):
+    dense_fp = resolve_model("tiny:llama").fingerprint
+    key = fake_surgery(store, ["notes"], source_fingerprint=dense_fp)
+    config = EvalConfig(**{**FAST, "speed_repeats": 2})
+    speed = speed_rows(store, run_evaluate(config, store, key, {"notes": corpus_key}))
+    assert set(speed.index) == {"prefill_tokens_per_s", "decode_tokens_per_s",
+                                "prefill_speedup", "decode_speedup"}
+    assert (speed["value"] > 0).all()
+    assert speed.loc["prefill_speedup", "metric"] == "ratio"
+    assert speed.loc["prefill_speedup", "n"] == 2  # paired repeats
+    assert speed.loc["prefill_tokens_per_s", "n"] == 2 * 32  # seq_len tokens per repeat
+    dense = speed_rows(store, run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}))
+    assert set(dense.index) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
+    # a source spec that now names other weights: no reference, a warning, no speedup rows
+    stale = fake_surgery(store, ["notes"], source_fingerprint="0" * 16)
+    with caplog.at_level(logging.WARNING, logger="gprune"):
+        speed = speed_rows(store, run_evaluate(config, store, stale, {"notes": corpus_key}))
+    assert set(speed.index) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert any("no speedup over dense" in r.getMessage() for r in caplog.records)
+
+
+def test_measure_speeds_interleaves_and_pairs_repeats(tiny, monkeypatch):
+    """Runs alternate with the order rotating; speedups pair runs of the same repeat."""
+    model, _, _ = tiny
+    fast, slow = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    order = []
+    times = {id(fast): [1.0, 1.0, 0.5, 1.0, 2.0], id(slow): [2.0, 2.0, 2.0, 2.0, 2.0]}
+
+    def fake_run(m, ids, decode_tokens):
+        order.append("fast" if m is fast else "slow")
+        return times[id(m)].pop(0), 2.0  # decode: equal for both
+
+    monkeypatch.setattr(em, "_one_speed_run", fake_run)
+    fast.config = slow.config = model.config
+    out = em.measure_speeds({"slow": slow, "fast": fast}, 8, 4, repeats=4)
+    assert order == ["slow", "fast",                      # warm-up, untimed
+                     "slow", "fast", "fast", "slow", "slow", "fast", "fast", "slow"]
+    assert out["fast"]["prefill_speedup"][0] == pytest.approx(statistics.median([2, 4, 2, 1]))
+    assert out["fast"]["decode_speedup"][0] == pytest.approx(1.0)
+    assert out["slow"]["prefill_tokens_per_s"][0] == pytest.approx(4.0)  # 8 tokens / 2 s
+    assert "prefill_speedup" not in out["slow"]

@@ -1,16 +1,26 @@
-"""Multiple-choice tasks: parsing, validation, lm-eval end to end offline, clear errors."""
+"""Multiple-choice tasks: parsing, validation, lm-eval end to end offline, clear errors;
+the shared-context scorer returns what lm-eval's own HFLM returns."""
 from __future__ import annotations
 
+import copy
 import json
+import random
 
 import pytest
 import torch
 import yaml
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
 from gprune.errors import ConfigError, GpruneError
 from gprune.eval import mc_tasks as mc
 from gprune.eval.lm_eval_runner import prepare_tasks, run_mc_tasks
+from gprune.eval.shared_context import PASS_OVERHEAD_TOKENS, SharedContextHFLM, passes
+from gprune.maths.plan import LayerPlan, PruningPlan
+from gprune.maths.surgery import apply_plan
+from gprune.models.adapters import adapter_for
 from gprune.models.loader import load_model
+from gprune.models.pruned import finalize
 
 VALID = [
     {"query": "Question: What color is the clear sky?\nAnswer:", "choices": ["blue", "green"],
@@ -33,6 +43,25 @@ MALFORMED = [
 def tiny():
     model, tokenizer, _ = load_model("tiny:llama")
     return model, tokenizer
+
+
+def quiz_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows whose queries share a few token lengths (byte tokenizer: one token per
+    character), so the shared-context scorer batches several contexts per pass."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "red", "hat", "box", "sea", "owl", "ice", "fig"]
+    rows = []
+    for i in range(n):
+        query = "Q: " + " ".join(rng.choice(words) for _ in range(2 + i % 3)) + "?\nA:"
+        choices = rng.sample(["tall tree", "blue", "a warm red hat", "seven", "no", "ice fig"],
+                             rng.choice([2, 3, 4]))
+        rows.append({"query": query, "choices": choices, "gold": rng.randrange(len(choices))})
+    return rows
+
+
+def requests_of(rows: list[dict]) -> list[Instance]:
+    return [Instance("loglikelihood", {}, (row["query"], " " + choice), i)
+            for row in rows for i, choice in enumerate(row["choices"])]
 
 
 def write_jsonl(path, rows, extra_lines=()):
@@ -156,3 +185,92 @@ def test_local_task_from_the_evals_wheel(tmp_path):
     built = mc.build_local_task("siqa_local", tmp_path)
     assert built.metric == "acc_norm" and built.examples + built.skipped == 2224
     assert 0 < built.skipped < 20
+
+
+# ---- shared-context scoring -----------------------------------------------------
+def assert_same_answers(got, reference):
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in reference]
+    assert [score for score, _ in got] == pytest.approx([score for score, _ in reference],
+                                                        rel=1e-5, abs=1e-5)
+
+
+def test_shared_context_scores_equal_lm_evals_own(family):  # every family (conftest)
+    model, tokenizer, _ = load_model(f"tiny:{family}")
+    rows = quiz_rows(12) + [
+        {"query": "Question: one letter?\nAnswer:", "choices": ["a", "b", "c"], "gold": 0},
+        {"query": "Q: " + "long context " * 24, "choices": ["x", "yy"], "gold": 1}]  # > 256
+    requests = requests_of(rows)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
+                     batch_size=1).loglikelihood(requests, disable_tqdm=True)
+    for batch_size in (1, 64):
+        lm = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
+                               batch_size=batch_size)
+        assert_same_answers(lm.loglikelihood(requests, disable_tqdm=True), reference)
+        # every distinct context computed once (the over-long one goes to lm-eval's path)
+        assert lm.stats["contexts"] == len({r["query"] for r in rows[:-1]})
+        pairs = [lm._encode_pair(*req.args) for req in requests[:-2]]
+        contexts = {tuple(context): len(context) for context, _ in pairs}
+        assert lm.stats["tokens"] == sum(contexts.values()) + sum(len(c) - 1 for _, c in pairs)
+        assert lm.stats["tokens"] < sum(len(a) + len(b) - 1 for a, b in pairs)  # lm-eval's
+
+
+def test_shared_context_on_a_pruned_model_without_attention_in_layer_0():
+    """The pruned code's empty attention block writes dummy cache entries; the cached
+    continuation pass must still match lm-eval's full forward."""
+    dense, tokenizer, adapter = load_model("tiny:llama")
+    shape = adapter.shape(dense.config)
+    rng = random.Random(3)
+    layers = [LayerPlan.from_heads(0, rng.sample(range(shape.intermediate), 40), [], shape)]
+    layers += [LayerPlan.from_heads(i, rng.sample(range(shape.intermediate), 50), [0, 2], shape)
+               for i in range(1, shape.num_layers)]
+    plan = PruningPlan("fp", adapter.name, "test", 0.5, shape, tuple(layers))
+    pruned = copy.deepcopy(dense)
+    finalize(pruned, adapter_for(pruned.config), apply_plan(pruned, adapter, plan))
+    requests = requests_of(quiz_rows(8, seed=1))
+    reference = HFLM(pretrained=pruned, tokenizer=tokenizer, device="cpu",
+                     batch_size=4).loglikelihood(requests, disable_tqdm=True)
+    got = SharedContextHFLM(pretrained=pruned, tokenizer=tokenizer, device="cpu",
+                            batch_size=8).loglikelihood(requests, disable_tqdm=True)
+    assert_same_answers(got, reference)
+
+
+def test_batched_accuracy_equals_unbatched_exactly(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = quiz_rows(30, seed=2)
+    path = write_jsonl(tmp_path / "quiz.jsonl", rows)
+    kwargs = dict(limit=None, device="cpu", root=tmp_path / "tasks")
+    plain = run_mc_tasks(model, tokenizer, [str(path)], batch_size=1, shared_context=False,
+                         **kwargs)
+    batched = run_mc_tasks(model, tokenizer, [str(path)], batch_size=32, **kwargs)
+    one = run_mc_tasks(model, tokenizer, [str(path)], batch_size=1, **kwargs)
+    assert batched == plain == one  # value, stderr, counts: all equal
+    assert batched[0].value == direct_accuracy(model, tokenizer, rows)
+    assert batched[0].examples == 30
+
+
+def test_passes_cut_rows_at_least_cost_within_limits():
+    def cost(chunks, widths):
+        return sum(PASS_OVERHEAD_TOKENS + (hi - lo) * max(widths[lo], 1) for lo, hi in chunks)
+
+    def all_cuts(lo, n):  # every split of rows lo..n-1 into contiguous passes
+        if lo == n:
+            yield []
+        for hi in range(lo + 1, n + 1):
+            for rest in all_cuts(hi, n):
+                yield [(lo, hi), *rest]
+
+    rng = random.Random(0)
+    for _ in range(40):
+        widths = sorted((rng.choice([0, 1, 2, 5, 9, 40, 150]) for _ in range(rng.randint(1, 9))),
+                        reverse=True)
+        max_rows, max_tokens = rng.randint(1, 5), rng.choice([50, 200, 1000])
+        chunks = passes(widths, max_rows, max_tokens)
+        assert [lo for lo, _ in chunks] == [0, *[hi for _, hi in chunks[:-1]]]
+        assert chunks[-1][1] == len(widths)
+        for lo, hi in chunks:
+            assert hi - lo <= max_rows
+            assert hi - lo == 1 or (hi - lo) * max(widths[lo], 1) <= max_tokens
+        feasible = [c for c in all_cuts(0, len(widths)) if all(
+            hi - lo <= max_rows and (hi - lo == 1 or (hi - lo) * max(widths[lo], 1) <= max_tokens)
+            for lo, hi in c)]
+        assert cost(chunks, widths) == min(cost(c, widths) for c in feasible)

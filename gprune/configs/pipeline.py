@@ -24,6 +24,7 @@ STAGES = ("corpus", "capture", "stats", "partition", "score", "path", "plan", "s
           "evaluate", "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
+_EVAL = EvalConfig.model_fields
 
 
 class PipelineConfig(StageConfig):
@@ -39,11 +40,12 @@ class PipelineConfig(StageConfig):
                                            description="None: the allocator's default")
     prune_attention: bool = True
     evaluate: bool = True
-    eval_tokens: int = Field(4096, ge=2)
-    eval_seq_len: int = Field(512, ge=2)
-    mc_tasks: list[str] = Field(default_factory=lambda: ["mmlu_local", "siqa_local"])
-    mc_limit: int = Field(200, ge=1)
-    speed: bool = True
+    # evaluation budgets: EvalConfig's CPU-sized defaults (its docstring says how to scale up)
+    eval_tokens: int = Field(_EVAL["ppl_tokens"].default, ge=2)
+    eval_seq_len: int = Field(_EVAL["seq_len"].default, ge=2)
+    mc_tasks: list[str] = Field(default_factory=lambda: list(_EVAL["mc_tasks"].default))
+    mc_limit: int = Field(_EVAL["mc_limit"].default, ge=1)
+    speed: bool = _EVAL["speed"].default
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     force: list[str] = Field(default_factory=list, description="stages to recompute")

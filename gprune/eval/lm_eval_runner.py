@@ -83,17 +83,30 @@ def prepare_tasks(specs: list[str], root: Path | None = None) -> tuple[list[Buil
 
 
 def run_mc_tasks(model: Any, tokenizer: Any, specs: list[str], limit: int | None,
-                 batch_size: int = 4, device: str = "cpu", seed: int = 0,
-                 root: Path | None = None) -> list[McResult]:
-    """Zero-shot accuracy of an in-memory HF model on each task (first ``limit`` examples)."""
+                 batch_size: int = 16, device: str = "cpu", seed: int = 0,
+                 root: Path | None = None, shared_context: bool = True,
+                 progress: bool = False) -> list[McResult]:
+    """Zero-shot accuracy of an in-memory HF model on each task (first ``limit`` examples).
+
+    ``shared_context``: score through ``SharedContextHFLM`` (each distinct context run
+    once, up to ``batch_size`` contexts per forward pass); False: lm-eval's plain
+    ``HFLM`` (``batch_size`` requests per pass). Same results either way, up to float
+    rounding. ``progress``: progress bars instead of one log line.
+    """
     if not specs:
         return []
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from gprune.eval.shared_context import SharedContextHFLM
+
     built, hub = prepare_tasks(list(specs), root)
     manager = _task_manager(built, hub)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    if shared_context:
+        lm = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device=device,
+                               batch_size=batch_size, progress=progress)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
     output = simple_evaluate(model=lm, tasks=[b.name for b in built] + hub, num_fewshot=0,
                              limit=limit, task_manager=manager, log_samples=False,
                              bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,

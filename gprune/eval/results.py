@@ -6,12 +6,17 @@ One row per measured quantity:
 |---|---|---|
 | kind | string | ``ppl``, ``mc``, ``size`` or ``speed`` |
 | name | string | corpus source, task, or size/speed quantity |
-| metric | string | ``ppl``, ``acc``, ``acc_norm``, ``count``, ``bytes``, ``flops``, ``tokens_per_s`` |
+| metric | string | ``ppl``, ``acc``, ``acc_norm``, ``count``, ``bytes``, ``flops``, ``tokens_per_s``, ``ratio`` |
 | value | float64 | the measurement |
 | stderr | float64 | its standard error, NaN where none |
-| n | int64 | scored tokens (ppl), examples (mc), tokens timed (speed), 0 (size) |
+| n | int64 | scored tokens (ppl), examples (mc), tokens timed or repeats (speed), 0 (size) |
 | skipped | int64 | malformed task rows skipped (mc), else 0 |
 | tag | string | ``in`` / ``ood`` for ppl and mc, empty for size and speed |
+
+Speed rows (only with ``EvalConfig.speed``): ``prefill_tokens_per_s`` and
+``decode_tokens_per_s``; a pruned checkpoint's evaluation also times its dense source
+model, interleaved with it, and adds ``prefill_speedup`` and ``decode_speedup`` (metric
+``ratio``: pruned / dense tokens/s, median over the paired repeats).
 
 A perplexity row is ``in`` when its source is one of the calibration sources of the
 evaluated checkpoint, ``ood`` otherwise; multiple-choice tasks are always ``ood``

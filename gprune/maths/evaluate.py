@@ -10,6 +10,7 @@ never scored. ``ppl = exp(sum NLL / scored tokens)``; its standard error is
 """
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import time
@@ -135,28 +136,70 @@ def measure_speed(model: nn.Module, prompt_len: int, decode_tokens: int, repeats
     Returns ``{"prefill_tokens_per_s": (median, stderr), "decode_tokens_per_s": ...}``.
     One untimed warm-up run precedes the timed ones.
     """
-    device = next(model.parameters()).device
-    vocab = vocab_size or model.config.vocab_size
+    return measure_speeds({"model": model}, prompt_len, decode_tokens, repeats, vocab_size,
+                          seed)["model"]
+
+
+@torch.no_grad()
+def measure_speeds(models: dict[str, nn.Module], prompt_len: int, decode_tokens: int,
+                   repeats: int = 3, vocab_size: int | None = None,
+                   seed: int = 0) -> dict[str, dict[str, tuple[float, float]]]:
+    """``measure_speed`` of several models (same vocabulary), their runs interleaved.
+
+    After one untimed warm-up run of each model, repeat ``r`` times every model once, the
+    order rotated by ``r`` (as ``benchmarks/speed.py`` does), so a slow drift of the
+    machine's load hits every model alike. With two or more models each model but the
+    first also gets ``prefill_speedup`` and ``decode_speedup`` over the first: the median
+    over repeats of its tokens/s divided by the first model's in the same repeat.
+    """
+    names = list(models)
+    first = models[names[0]]
+    device = next(first.parameters()).device
+    vocab = vocab_size or first.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
-    prefill, decode = [], []
-    for run in range(repeats + 1):
-        t_prefill, t_decode = _one_speed_run(model, ids, decode_tokens)
-        if run:
-            prefill.append(prompt_len / t_prefill)
-            decode.append(decode_tokens / t_decode)
-    return {"prefill_tokens_per_s": _median_se(prefill), "decode_tokens_per_s": _median_se(decode)}
+    for name in names:  # warm-up
+        _one_speed_run(models[name], ids, decode_tokens)
+    prefill: dict[str, list[float]] = {n: [] for n in names}
+    decode: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t_prefill, t_decode = _one_speed_run(models[name], ids, decode_tokens)
+            prefill[name].append(prompt_len / t_prefill)
+            decode[name].append(decode_tokens / t_decode)
+    out = {n: {"prefill_tokens_per_s": _median_se(prefill[n]),
+               "decode_tokens_per_s": _median_se(decode[n])} for n in names}
+    for name in names[1:]:
+        out[name]["prefill_speedup"] = _median_se(
+            [a / b for a, b in zip(prefill[name], prefill[names[0]])])
+        out[name]["decode_speedup"] = _median_se(
+            [a / b for a, b in zip(decode[name], decode[names[0]])])
+    return out
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` from transformers 5.24 (the old
+    ``past_key_values`` warns there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache")
+    return out.get("past_key_values") if cache is None else cache
 
 
 def _one_speed_run(model: nn.Module, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    keyword = cache_keyword(model)
     start = _now(ids.device)
     out = model(input_ids=ids, use_cache=True)
     t_prefill = _now(ids.device) - start
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     start = _now(ids.device)
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{keyword: past})
+        past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     t_decode = _now(ids.device) - start
     return max(t_prefill, 1e-9), max(t_decode, 1e-9)
 
