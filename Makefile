@@ -2,6 +2,8 @@
 # make test  — set up .venv and run the test suite
 VENV   := .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PYTHON ?= python3
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -9,13 +11,27 @@ export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-all server-up deploy worker server-down
+.PHONY: setup lock run test test-all server-up deploy worker server-down
 
-$(STAMP): pyproject.toml constraints.txt
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" -e ".[test,dask]"
+# The lock (pip-tools, with hashes) installs exactly what the tests saw; scripts/check_lock.py
+# stops with one line when pyproject.toml or constraints.txt changed without `make lock`.
+$(STAMP): pyproject.toml constraints.txt requirements/cpu.txt requirements/pip.txt
+	$(PYTHON) scripts/check_lock.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --require-hashes -r requirements/pip.txt
+	$(PIP) install -q --require-hashes -r requirements/cpu.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml + constraints.txt (then run `make test`).
+LOCKENV := .gprune/lockenv
+lock:
+	$(PYTHON) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/python -m pip install -q --disable-pip-version-check "pip-tools==7.6.2"
+	$(LOCKENV)/bin/pip-compile -q pyproject.toml --extra test --extra dask --generate-hashes \
+	    --allow-unsafe --no-strip-extras --no-emit-index-url --no-emit-find-links \
+	    -c constraints.txt -o requirements/cpu.txt
+	$(PYTHON) scripts/check_lock.py --stamp
 
 setup: $(STAMP)
 
@@ -24,6 +40,7 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q -x --durations=15
+	$(PY) scripts/test_oldest_transformers.py
 
 # Local Prefect server (SQLite, 127.0.0.1, telemetry off), process pool, deployments, worker.
 # State (pid files, logs, database) under .gprune/prefect; see docs/PREFECT.md.
