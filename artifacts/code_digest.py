@@ -39,10 +39,12 @@ STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "stats": ("tasks.stats",),
     "partition": ("tasks.partition",),
     "score": ("tasks.score",),
-    "path": ("tasks.allocate",),
-    "plan": ("tasks.allocate",),
+    "path": ("tasks.path",),
+    "allocate": ("tasks.allocate",),
     "surgery": ("tasks.surgery",),
-    "evaluate": ("tasks.evaluate",),
+    "perplexity": ("tasks.perplexity",),
+    "choice": ("tasks.choice",),
+    "speed": ("tasks.speed",),
     "report": ("tasks.report",),
 }
 

@@ -61,16 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def groups(args) -> dict[str, dict]:
     """Flow parameters of each group of runs (everything else is shared)."""
-    gprune = {"name": "gprune"}
     return {
         "main": dict(sources=CALIBRATION, sparsities=args.sparsities,
-                     methods=[gprune, *({"name": b} for b in BASELINES)]),
+                     methods=["gprune", *BASELINES]),
         "single": dict(sources=[args.single_source], sparsities=args.sparsities,
-                       methods=[{"name": "flap"}, {"name": "gprune", "no_gate": True}]),
+                       methods=["flap", "gprune:gate=false"]),
         "ablations": dict(sources=CALIBRATION, sparsities=args.ablation_sparsities,
-                          methods=[{"name": "gprune", "no_partition": True},
-                                   {"name": "gprune", "no_gate": True},
-                                   *({"name": "gprune", "allocator": a}
+                          methods=["gprune:k=1", "gprune:gate=false",
+                                   *(f"gprune:allocator={a}"
                                      for a in ("uniform", "flap", "learned"))]),
     }
 
@@ -86,9 +84,9 @@ def run_group(args, name: str, params: dict) -> list[str]:
         **params)
     started = time.perf_counter()
     result = run_pipeline(config, store=args.store)
-    print(f"group {name}: {len(result['evals'])} evaluations in "
+    print(f"group {name}: {len(result['evals'])} evaluated models in "
           f"{time.perf_counter() - started:.0f}s", flush=True)
-    return list(result["evals"].values())
+    return [key for keys in result["evals"].values() for key in keys.values()]
 
 
 def run_summary(table) -> "pd.DataFrame":  # noqa: F821
@@ -99,7 +97,7 @@ def run_summary(table) -> "pd.DataFrame":  # noqa: F821
     from gprune.report.table import geo_mean
 
     rows = []
-    for _key, run in table.groupby("eval_key", sort=False):
+    for _run, run in table.groupby("run", sort=False):
         first, ppl = run.iloc[0], run[run["kind"] == "ppl"].set_index("name")
         row = {"method": first["label"], "sparsity": first["target_sparsity"]}
         for tag, names in (("calib", CALIBRATION), ("heldout", HELD_OUT)):

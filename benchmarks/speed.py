@@ -76,7 +76,7 @@ def store_plans(keys: list[str], store_root: str | None) -> list[PruningPlan]:
     from artifacts.store import ArtifactStore
 
     store = ArtifactStore(store_root)
-    return [PruningPlan.read(store.read(k, stage="plan").file("plan.json")) for k in keys]
+    return [PruningPlan.read(store.read(k, stage="allocate").file("plan.json")) for k in keys]
 
 
 # ---- timing -----------------------------------------------------------------------

@@ -76,20 +76,20 @@ def warm_up(runnable, args, root: Path) -> None:
     from gprune.models.loader import resolve_model
 
     resolve_model(args.model)
-    runnable(model=args.warmup_model, sources=args.sources, eval_sources=args.sources,
-             sparsities=[args.single], methods=[method(args)], capture_sequences=2,
-             capture_seq_len=16, allocator_steps=1, evaluate=False, device=args.device,
+    runnable(config=dict(model=args.warmup_model, sources=args.sources,
+                         eval_sources=args.sources, sparsities=[args.single],
+                         methods=[method(args)], capture_sequences=2, capture_seq_len=16,
+                         allocator_steps=1, evaluate=False, device=args.device),
              store=str(root))
 
 
 def timed_run(runnable, args, sparsities: list[float], root: Path) -> float:
-    params = dict(model=args.model, sources=args.sources, eval_sources=args.sources,
+    config = dict(model=args.model, sources=args.sources, eval_sources=args.sources,
                   sparsities=sparsities, methods=[method(args)],
                   capture_sequences=args.sequences, capture_seq_len=args.seq_len,
-                  allocator_steps=args.allocator_steps, evaluate=False, device=args.device,
-                  store=str(root))
+                  allocator_steps=args.allocator_steps, evaluate=False, device=args.device)
     started = time.perf_counter()
-    runnable(**params)
+    runnable(config=config, store=str(root))
     return time.perf_counter() - started
 
 

@@ -41,7 +41,6 @@ from gprune.errors import ArtifactError
 
 RECORDS = ".prefect-requests"
 NOT_IDENTITY = ("force", "store_root")  # inputs that do not change the artifact
-TASK_STAGE = {"allocate": "plan"}  # task name -> stage name, where they differ
 
 
 def _jsonable(value: Any) -> Any:
@@ -57,7 +56,7 @@ def _jsonable(value: Any) -> Any:
 def request_id(task_name: str, inputs: dict[str, Any]) -> str:
     """Hash of what a task was asked to do (everything its artifact key depends on)."""
     identity = {k: _jsonable(v) for k, v in sorted(inputs.items()) if k not in NOT_IDENTITY}
-    code = stage_digest(TASK_STAGE.get(task_name, task_name)).digest
+    code = stage_digest(task_name).digest
     payload = canonical_json({"task": task_name, "code_digest": code, "inputs": identity})
     return f"{task_name}-{hashlib.sha256(payload.encode()).hexdigest()[:24]}"
 

@@ -3,11 +3,14 @@
     corpus (mapped) -> capture (mapped over sources) -> stats -> partition -> score
       -> for each method: path (learned once)
       -> for each method and target sparsity: allocate -> surgery
-      -> evaluate (the dense model, then each checkpoint, one at a time) -> report -> publish
+      -> perplexity, choice, speed (the dense model, then each checkpoint, one at a time)
+      -> report -> publish
 
-Parameters are ``gprune.configs.pipeline.PipelineConfig``'s fields plus ``store`` (the
-artifact store root; None = $GPRUNE_STORE or ~/.cache/gprune/store), so a caller runs
-``gprune_flow(**PipelineConfig(...).model_dump(), store=...)`` (or ``run_pipeline``). ``preflight`` runs
+Parameters: ``config``, a ``gprune.configs.pipeline.PipelineConfig`` (every parameter of
+the job, declared once there; Prefect shows its fields in the UI and validates a JSON
+``{"config": {...}}``), and ``store`` (the artifact store root; None = $GPRUNE_STORE or
+~/.cache/gprune/store), so a caller runs ``gprune_flow(config=PipelineConfig(...))``
+(or ``run_pipeline``). ``preflight`` runs
 before any task: bad input fails in seconds with a one-line error. Methods that share
 a partition or score config share the task (and the artifact); one capture, stats,
 partition and score serve every target. ``force`` names stages to recompute.
@@ -16,7 +19,7 @@ Orchestration only: the maths is in ``gprune``, each stage in ``tasks/``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from prefect import allow_failure, flow, unmapped
 from prefect.logging import get_run_logger
@@ -25,41 +28,17 @@ from artifacts.store import ArtifactStore
 from flows import stages
 from flows.cache import source_stamp
 from flows.runners import make_task_runner
-from gprune.configs.methods import MethodConfig
 from gprune.configs.pipeline import PipelineConfig, preflight
 from gprune.configs.report import ReportConfig
 from gprune.configs.stats import StatsConfig
-
-_D = PipelineConfig()
+from gprune.methods.registry import Method
 
 
 @flow(name="gprune", task_runner=make_task_runner(), validate_parameters=True,
       log_prints=True)
-def gprune_flow(
-    model: str = _D.model,
-    sources: list[str] = _D.sources,
-    eval_sources: list[str] = _D.eval_sources,
-    sparsities: list[float] = _D.sparsities,
-    methods: list[Union[str, dict[str, Any]]] = [m.name for m in _D.methods],  # noqa: B006
-    capture_sequences: int = _D.capture_sequences,
-    capture_seq_len: int = _D.capture_seq_len,
-    capture_batch_size: int = _D.capture_batch_size,
-    allocator_steps: Optional[int] = _D.allocator_steps,
-    prune_attention: bool = _D.prune_attention,
-    evaluate: bool = _D.evaluate,
-    eval_tokens: int = _D.eval_tokens,
-    eval_seq_len: int = _D.eval_seq_len,
-    mc_tasks: list[str] = _D.mc_tasks,
-    mc_limit: int = _D.mc_limit,
-    speed: bool = _D.speed,
-    device: str = _D.device,
-    seed: int = _D.seed,
-    force: list[str] = _D.force,
-    store: Optional[str] = None,
-) -> dict[str, Any]:
-    """Prune ``model`` to every sparsity with every method; evaluate and report."""
-    params = {k: v for k, v in locals().items() if k != "store"}
-    config = PipelineConfig.build(**params)
+def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen, immutable)
+                store: Optional[str] = None) -> dict[str, Any]:
+    """Prune ``config.model`` to every sparsity with every method; evaluate and report."""
     ref, _shape = preflight(config)
     root = str(ArtifactStore(store).root)
     logger = get_run_logger()
@@ -103,7 +82,7 @@ def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
     upstream holds a runner slot, so this order keeps the slots on runnable work."""
     scored: dict[str, Any] = {}
     plans, methods = {}, {}
-    for method in config.methods:
+    for method in config.method_objects():
         score_key = _score(config, root, stats_key, method, scored)
         path_key = _path(config, root, stats_key, score_key, method)
         for sparsity in config.sparsities:
@@ -111,27 +90,26 @@ def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
             methods[name] = method
             plans[name] = stages.allocate.submit(
                 config.allocate_config(method, sparsity), root, score_key, stats_key,
-                method.label, method.settings()["bias_compensation"],
-                force=config.forced("plan"), path_key=path_key)
+                method.label, method.bias_compensation,
+                force=config.forced("allocate"), path_key=path_key)
     checkpoints = {name: stages.surgery.submit(config.surgery_config(methods[name]), root, plan,
                                                stats_key, force=config.forced("surgery"))
                    for name, plan in plans.items()}
     return plans, checkpoints
 
 
-def _path(config: PipelineConfig, root: str, stats_key, score_key, method: MethodConfig):
+def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Method):
     """The learned path of a method whose allocator has one (None otherwise)."""
+    if not method.serves_all_targets:
+        return None
     # the path does not depend on the target: a fixed placeholder keeps the task's Prefect
     # cache key independent of the run's sparsities
-    allocate_config = config.allocate_config(method, 0.5)
-    if allocate_config.allocator != "learned_path":
-        return None
-    return stages.path.submit(allocate_config, root, score_key, stats_key, method.label,
-                              force=config.forced("path"))
+    return stages.path.submit(config.allocate_config(method, 0.5), root, score_key, stats_key,
+                              method.label, force=config.forced("path"))
 
 
-def _score(config: PipelineConfig, root: str, stats_key, method: MethodConfig,
-           scored: dict) -> Any:
+def _score(config: PipelineConfig, root: str, stats_key, method: Method, scored: dict) -> Any:
+    """Partition and score tasks, shared by methods whose configs are equal."""
     part_cfg, score_cfg = method.partition_config(), method.score_config()
     part_id = part_cfg.model_dump_json()
     score_id = part_id + score_cfg.model_dump_json()
@@ -148,28 +126,35 @@ def _evaluate_and_report(config: PipelineConfig, root: str, fingerprint: str, co
                          checkpoints: dict) -> dict[str, Any]:
     """Evaluate the dense model and every checkpoint, one after another; report; publish.
 
-    One at a time on purpose: each evaluation uses every CPU thread (two at once
-    oversubscribe the cores and took about twice as long in total), a speed probe
-    (``speed=True``) does not share the machine with another evaluation, and progress
-    output does not interleave. A failed evaluation does not stop the next
-    (``allow_failure``); the report then fails."""
+    Per model (dense first): ``perplexity``, then ``choice`` (when there are mc_tasks),
+    then ``speed`` (``speed=True``), each its own artifact. One task at a time on purpose:
+    each uses every CPU thread (two at once oversubscribe the cores and took about twice as
+    long in total), a speed probe does not share the machine with another evaluation, and
+    progress output does not interleave. A failed task does not stop the next
+    (``allow_failure``); the report then fails. ``evals``: run name -> {stage: key}."""
     eval_corpora = {s: corpora[s] for s in config.eval_sources}
-    names = ["dense", *checkpoints]
-    models = [config.model, *checkpoints.values()]  # surgery futures resolve in the task
-    identities = [fingerprint, *checkpoints.values()]
-    eval_config = config.eval_config()
-    evals: list = []
-    for model, identity in zip(models, identities):
-        evals.append(stages.evaluate.submit(
-            eval_config, root, model, identity, eval_corpora,
-            force=config.forced("evaluate"),
-            wait_for=[allow_failure(evals[-1])] if evals else None))
-    report_key = stages.report.submit(ReportConfig(), root, evals,
+    task_stamps = [source_stamp(t) for t in config.mc_tasks]
+    plan = [(stage, task, stage_config, args) for stage, task, stage_config, args in (
+        ("perplexity", stages.perplexity, config.perplexity_config(), (eval_corpora,)),
+        ("choice", stages.choice, config.choice_config(), (task_stamps,)),
+        ("speed", stages.speed, config.speed_config(), ())) if stage_config is not None]
+    # name -> (model, identity); surgery futures resolve in the task
+    models = {"dense": (config.model, fingerprint), **{n: (f, f) for n, f in checkpoints.items()}}
+    evals: dict[str, dict[str, Any]] = {name: {} for name in models}
+    last = None
+    for name, (model, identity) in models.items():
+        for stage, task, stage_config, args in plan:
+            last = evals[name][stage] = task.submit(
+                stage_config, root, model, identity, *args, force=config.forced(stage),
+                wait_for=[allow_failure(last)] if last is not None else None)
+    futures = [f for per_model in evals.values() for f in per_model.values()]
+    report_key = stages.report.submit(ReportConfig(), root, futures,
                                       force=config.forced("report")).result()
     report_dir = str(ArtifactStore(root).path(report_key))
     stages.publish.submit(report_dir).result()
-    return {"evals": dict(zip(names, (f.result() for f in evals))), "report": report_key,
-            "report_dir": report_dir}
+    return {"evals": {name: {stage: f.result() for stage, f in per_model.items()}
+                      for name, per_model in evals.items()},
+            "report": report_key, "report_dir": report_dir}
 
 
 def run_pipeline(config: PipelineConfig, store: Optional[str] = None,
@@ -180,7 +165,7 @@ def run_pipeline(config: PipelineConfig, store: Optional[str] = None,
     runnable = gprune_flow
     if task_runner:
         runnable = gprune_flow.with_options(task_runner=make_task_runner(task_runner))
-    return runnable(**config.model_dump(mode="json"), store=store)
+    return runnable(config=config, store=store)
 
 
 __all__ = ["gprune_flow", "run_pipeline"]

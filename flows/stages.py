@@ -16,11 +16,13 @@ from prefect import task
 from flows.cache import ARTIFACT_CACHE, run_cached
 from gprune.configs.allocate import AllocateConfig
 from gprune.configs.capture import CaptureConfig
+from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
-from gprune.configs.evaluate import EvalConfig
 from gprune.configs.partition import PartitionConfig
+from gprune.configs.perplexity import PerplexityConfig
 from gprune.configs.report import ReportConfig
 from gprune.configs.score import ScoreConfig
+from gprune.configs.speed import SpeedConfig
 from gprune.configs.stats import StatsConfig
 from gprune.configs.surgery import SurgeryConfig
 
@@ -77,7 +79,7 @@ def score(config: ScoreConfig, store_root: str, stats_key: str, partition_key: s
 def path(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
          method: str, force: bool = False) -> str:
     """The learned path every target of ``method`` reads (``config.sparsity`` unused)."""
-    from tasks.allocate import run_path
+    from tasks.path import run_path
 
     return run_cached("path", store_root,
                       lambda s: run_path(config, s, score_key, stats_key, force=force))
@@ -89,7 +91,7 @@ def allocate(config: AllocateConfig, store_root: str, score_key: str, stats_key:
              path_key: Optional[str] = None) -> str:
     from tasks.allocate import run_allocate
 
-    return run_cached("plan", store_root, lambda s: run_allocate(
+    return run_cached("allocate", store_root, lambda s: run_allocate(
         config, s, score_key, stats_key, method=method, bias_compensation=bias_compensation,
         force=force, path_key=path_key))
 
@@ -103,15 +105,32 @@ def surgery(config: SurgeryConfig, store_root: str, plan_key: str, stats_key: st
                       lambda s: run_surgery(config, s, plan_key, stats_key, force=force))
 
 
-@task(name="evaluate", **STAGE_TASK)
-def evaluate(config: EvalConfig, store_root: str, model: str, model_fingerprint: str,
-             corpus_keys: dict[str, str], force: bool = False) -> str:
-    """``model``: a surgery key or the dense model spec (then ``model_fingerprint``
-    identifies its weights; for a surgery key it repeats the key)."""
-    from tasks.evaluate import run_evaluate
+# evaluation tasks: ``model`` is a surgery key or the dense model spec (then
+# ``model_fingerprint`` identifies its weights; for a surgery key it repeats the key)
+@task(name="perplexity", **STAGE_TASK)
+def perplexity(config: PerplexityConfig, store_root: str, model: str, model_fingerprint: str,
+               corpus_keys: dict[str, str], force: bool = False) -> str:
+    from tasks.perplexity import run_perplexity
 
-    return run_cached("evaluate", store_root, lambda s: run_evaluate(
+    return run_cached("perplexity", store_root, lambda s: run_perplexity(
         config, s, model, dict(corpus_keys), force=force))
+
+
+@task(name="choice", **STAGE_TASK)
+def choice(config: ChoiceConfig, store_root: str, model: str, model_fingerprint: str,
+           task_stamps: list[str], force: bool = False) -> str:
+    """``task_stamps`` (flows.cache.source_stamp per task) only identify task files' content."""
+    from tasks.choice import run_choice
+
+    return run_cached("choice", store_root, lambda s: run_choice(config, s, model, force=force))
+
+
+@task(name="speed", **STAGE_TASK)
+def speed(config: SpeedConfig, store_root: str, model: str, model_fingerprint: str,
+          force: bool = False) -> str:
+    from tasks.speed import run_speed
+
+    return run_cached("speed", store_root, lambda s: run_speed(config, s, model, force=force))
 
 
 @task(name="report", **STAGE_TASK)

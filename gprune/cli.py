@@ -19,10 +19,13 @@ STAGE_HELP = {
     "capture": "stage 1: activation statistics of one source",
     "stats": "stage 2: per-unit metrics, ranks and sensitivity over captures",
     "partition": "stage 3: module partition of each layer",
-    "score": "stage 4: reliability-gated module-local scores",
-    "allocate": "stage 5: a pruning plan for one target sparsity",
+    "score": "stage 4: unit scores by a method (gprune: reliability-gated, module-local)",
+    "path": "stage 5a: the learned path of keep fractions that every target reads",
+    "allocate": "stage 5b: a pruning plan for one target sparsity",
     "surgery": "stage 6: slice the model to a plan and save the checkpoint",
-    "evaluate": "stage 7: perplexity, multiple choice, size and speed of a checkpoint",
+    "perplexity": "stage 7: held-out perplexity per source, size and FLOPs of a checkpoint",
+    "choice": "stage 7: multiple-choice accuracy of a checkpoint per task",
+    "speed": "stage 7: prefill/decode tokens/s of a checkpoint (pruned: vs its dense source)",
     "report": "stage 7: table, Markdown report and plots over evaluations",
 }
 
@@ -54,51 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    from gprune.configs.evaluate import EvalConfig
-    from gprune.configs.pipeline import DEFAULT_EVAL_SOURCES, DEFAULT_SOURCES
+    """One option per PipelineConfig field (its default and description)."""
+    from gprune.cli_config import add_config_arguments
+    from gprune.configs.pipeline import PipelineConfig
+    from gprune.methods.registry import method_class, method_names
 
-    EVAL = EvalConfig.model_fields
-
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 (embedded default), tiny:<family>, an HF folder, or a Hub id")
-    p.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES, help="calibration sources")
-    p.add_argument("--eval-sources", nargs="*", default=DEFAULT_EVAL_SOURCES)
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.2])
-    p.add_argument("--methods", nargs="+", default=["gprune"],
-                   help="gprune, flap, wanda_sp, magnitude_sp")
-    p.add_argument("--no-partition", action="store_true", help="ablation: K=1")
-    p.add_argument("--no-gate", action="store_true", help="ablation: no reliability gate")
-    p.add_argument("--allocator", choices=["learned_path", "learned", "uniform", "flap"])
-    p.add_argument("--capture-sequences", type=int, default=32)
-    p.add_argument("--capture-seq-len", type=int, default=512)
-    p.add_argument("--allocator-steps", type=int, default=None,
-                   help="learned-allocator Adam steps (default: 48 path, 30 per target)")
-    p.add_argument("--no-attention", action="store_true", help="prune MLP channels only")
-    p.add_argument("--no-eval", action="store_true", help="stop after surgery")
-    p.add_argument("--eval-tokens", type=int, default=EVAL["ppl_tokens"].default,
-                   help="held-out tokens per source (GPU: e.g. 32768)")
-    p.add_argument("--mc-tasks", nargs="*", default=list(EVAL["mc_tasks"].default))
-    p.add_argument("--mc-limit", type=int, default=EVAL["mc_limit"].default,
-                   help="examples per task (GPU: e.g. 1000)")
-    p.add_argument("--speed", action="store_true",
-                   help="also time prefill/decode (pruned interleaved with dense)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--force", nargs="*", default=[], help="stages to recompute (or 'all')")
+    add_config_arguments(p, PipelineConfig)
+    summaries = [(name, method_class(name).summary) for name in method_names()]
+    methods = next(a for a in p._actions if a.dest == "methods")
+    methods.help += "; methods: " + ", ".join(f"{n} ({text})" if text else n
+                                             for n, text in summaries)
 
 
 def pipeline_from_args(args):
-    from gprune.configs.methods import MethodConfig
+    from gprune.cli_config import config_from_args
     from gprune.configs.pipeline import PipelineConfig
 
-    methods = [MethodConfig.build(name=name, no_partition=args.no_partition, no_gate=args.no_gate,
-                                  allocator=args.allocator) for name in args.methods]
-    return PipelineConfig.build(
-        model=args.model, sources=args.sources, eval_sources=args.eval_sources,
-        sparsities=args.sparsities, methods=methods, capture_sequences=args.capture_sequences,
-        capture_seq_len=args.capture_seq_len, allocator_steps=args.allocator_steps,
-        prune_attention=not args.no_attention, evaluate=not args.no_eval,
-        eval_tokens=args.eval_tokens, mc_tasks=args.mc_tasks, mc_limit=args.mc_limit,
-        speed=args.speed, device=args.device, force=args.force)
+    return config_from_args(args, PipelineConfig)
 
 
 def cmd_run(args) -> int:

@@ -34,31 +34,43 @@ def _stats(p):
     p.add_argument("--capture", nargs="+", required=True, help="capture keys, one per source")
 
 
+def _method(p, help_suffix: str = "") -> None:
+    from gprune.methods.registry import method_names
+
+    p.add_argument("--method", default="gprune",
+                   help=f"method spec: name or name:key=value,... ({', '.join(method_names())})"
+                        + help_suffix)
+
+
 def _partition(p):
     p.add_argument("--stats", required=True)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--metric", default="wanda_sp", choices=["wanda_sp", "flap"])
+    _method(p, "; its partition settings are used")
 
 
 def _score(p):
     p.add_argument("--stats", required=True)
     p.add_argument("--partition", required=True)
-    p.add_argument("--metric", default="wanda_sp", choices=["wanda_sp", "flap", "weight"])
-    p.add_argument("--aggregate", default="normalized_mean", choices=["normalized_mean", "pooled"])
-    p.add_argument("--no-gate", action="store_true")
+    _method(p, "; its score settings are used")
+
+
+def _learning(p):
+    p.add_argument("--score", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--no-attention", action="store_true", help="prune MLP channels only")
+    p.add_argument("--steps", type=int, default=None, help="learned allocators: Adam steps")
+    p.add_argument("--device", default="auto")
+
+
+def _path(p):
+    _learning(p)
+    _method(p, "; its allocator must use a path (e.g. learned_path)")
 
 
 def _allocate(p):
-    p.add_argument("--score", required=True)
-    p.add_argument("--stats", required=True)
+    _learning(p)
     p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--allocator", default="learned_path",
-                   choices=["learned_path", "learned", "uniform", "flap"])
-    p.add_argument("--method", default="gprune", help="label recorded in the plan")
-    p.add_argument("--bias-compensation", action="store_true")
-    p.add_argument("--no-attention", action="store_true")
-    p.add_argument("--steps", type=int, default=None, help="learned allocators: Adam steps")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--path", help="path key (allocators that read a learned path)")
+    _method(p, "; its allocator, reconstruction and label are used")
 
 
 def _surgery(p):
@@ -68,27 +80,51 @@ def _surgery(p):
     p.add_argument("--device", default="auto")
 
 
-def _evaluate(p):
-    from gprune.configs.evaluate import EvalConfig
+def _evaluated(p, config, options: dict[str, str]) -> None:
+    """The arguments of an evaluation stage: ``--model``, then per ``options`` entry
+    (flag -> field of ``config``) an option with the field's default and description."""
+    p.add_argument("--model", required=True, help="a surgery key or a dense model spec")
+    for flag, name in {**options, "--device": "device", "--seed": "seed"}.items():
+        field = config.model_fields[name]
+        default = field.default
+        if isinstance(default, tuple):
+            p.add_argument(flag, nargs="+", default=list(default), help=field.description)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=field.description)
+
+
+def _perplexity(p):
+    from gprune.configs.perplexity import PerplexityConfig
     from gprune.configs.pipeline import DEFAULT_EVAL_SOURCES
 
-    defaults = EvalConfig.model_fields
-    p.add_argument("--model", required=True, help="a surgery key or a dense model spec")
-    p.add_argument("--sources", nargs="*", default=list(DEFAULT_EVAL_SOURCES))
-    p.add_argument("--tokens", type=int, default=defaults["ppl_tokens"].default)
-    p.add_argument("--mc-tasks", nargs="*", default=list(defaults["mc_tasks"].default))
-    p.add_argument("--mc-limit", type=int, default=defaults["mc_limit"].default)
-    p.add_argument("--speed", action="store_true", help="also time prefill/decode")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--sources", nargs="+", default=list(DEFAULT_EVAL_SOURCES),
+                   help="corpus sources whose held-out split is scored")
+    _evaluated(p, PerplexityConfig, {"--tokens": "ppl_tokens", "--seq-len": "seq_len",
+                                     "--batch-size": "batch_size"})
+
+
+def _choice(p):
+    from gprune.configs.choice import ChoiceConfig
+
+    _evaluated(p, ChoiceConfig, {"--mc-tasks": "mc_tasks", "--mc-limit": "mc_limit",
+                                 "--mc-batch-size": "mc_batch_size"})
+
+
+def _speed(p):
+    from gprune.configs.speed import SpeedConfig
+
+    _evaluated(p, SpeedConfig, {"--prefill-tokens": "prefill_tokens",
+                                "--decode-tokens": "decode_tokens", "--repeats": "repeats"})
 
 
 def _report(p):
-    p.add_argument("--evals", nargs="+", required=True, help="evaluate keys")
+    p.add_argument("--evals", nargs="+", required=True,
+                   help="perplexity, choice and speed keys (any mix; one per stage and model)")
 
 
 ADDERS = {"corpus": _corpus, "capture": _capture, "stats": _stats, "partition": _partition,
-          "score": _score, "allocate": _allocate, "surgery": _surgery, "evaluate": _evaluate,
-          "report": _report}
+          "score": _score, "path": _path, "allocate": _allocate, "surgery": _surgery,
+          "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report}
 
 
 def run(args) -> int:
@@ -127,30 +163,46 @@ def _run_stats(args, store):
 
 
 def _run_partition(args, store):
-    from gprune.configs.partition import PartitionConfig
+    from gprune.methods.registry import build_method
     from tasks.partition import run_partition
 
-    config = PartitionConfig.build(k=args.k, metric=args.metric)
+    config = build_method(args.method).partition_config()
     return run_partition(config, store, args.stats, force=args.force)
 
 
 def _run_score(args, store):
-    from gprune.configs.score import ScoreConfig
+    from gprune.methods.registry import build_method
     from tasks.score import run_score
 
-    config = ScoreConfig.build(metric=args.metric, aggregate=args.aggregate, gate=not args.no_gate)
+    config = build_method(args.method).score_config()
     return run_score(config, store, args.stats, args.partition, force=args.force)
 
 
-def _run_allocate(args, store):
+def _allocate_config(args, sparsity: float):
     from gprune.configs.allocate import AllocateConfig
-    from tasks.allocate import run_allocate
+    from gprune.methods.registry import build_method
 
-    config = AllocateConfig.build(sparsity=args.sparsity, allocator=args.allocator,
+    method = build_method(args.method)
+    config = AllocateConfig.build(sparsity=sparsity, allocator=method.allocator,
                                   prune_attention=not args.no_attention, steps=args.steps,
                                   device=args.device)
-    return run_allocate(config, store, args.score, args.stats, method=args.method,
-                        bias_compensation=args.bias_compensation, force=args.force)
+    return method, config
+
+
+def _run_path(args, store):
+    from tasks.path import run_path
+
+    _, config = _allocate_config(args, 0.5)  # the path serves every target
+    return run_path(config, store, args.score, args.stats, force=args.force)
+
+
+def _run_allocate(args, store):
+    from tasks.allocate import run_allocate
+
+    method, config = _allocate_config(args, args.sparsity)
+    return run_allocate(config, store, args.score, args.stats, method=method.label,
+                        bias_compensation=method.bias_compensation, force=args.force,
+                        path_key=args.path)
 
 
 def _run_surgery(args, store):
@@ -161,16 +213,37 @@ def _run_surgery(args, store):
     return run_surgery(config, store, args.plan, args.stats, force=args.force)
 
 
-def _run_evaluate(args, store):
+def _run_perplexity(args, store):
     from gprune.configs.corpus import CorpusConfig
-    from gprune.configs.evaluate import EvalConfig
+    from gprune.configs.perplexity import PerplexityConfig
     from tasks.corpus import run_corpus
-    from tasks.evaluate import run_evaluate
+    from tasks.perplexity import run_perplexity
 
-    config = EvalConfig.build(ppl_tokens=args.tokens, mc_tasks=tuple(args.mc_tasks),
-                              mc_limit=args.mc_limit, speed=args.speed, device=args.device)
+    config = PerplexityConfig.build(ppl_tokens=args.tokens, seq_len=args.seq_len,
+                                    batch_size=args.batch_size, device=args.device,
+                                    seed=args.seed)
     corpora = {s: run_corpus(CorpusConfig.build(source=s), store) for s in args.sources}
-    return run_evaluate(config, store, args.model, corpora, force=args.force)
+    return run_perplexity(config, store, args.model, corpora, force=args.force)
+
+
+def _run_choice(args, store):
+    from gprune.configs.choice import ChoiceConfig
+    from tasks.choice import run_choice
+
+    config = ChoiceConfig.build(mc_tasks=tuple(args.mc_tasks), mc_limit=args.mc_limit,
+                                mc_batch_size=args.mc_batch_size, device=args.device,
+                                seed=args.seed)
+    return run_choice(config, store, args.model, force=args.force)
+
+
+def _run_speed(args, store):
+    from gprune.configs.speed import SpeedConfig
+    from tasks.speed import run_speed
+
+    config = SpeedConfig.build(prefill_tokens=args.prefill_tokens,
+                               decode_tokens=args.decode_tokens, repeats=args.repeats,
+                               device=args.device, seed=args.seed)
+    return run_speed(config, store, args.model, force=args.force)
 
 
 def _run_report(args, store):
@@ -181,5 +254,7 @@ def _run_report(args, store):
 
 
 RUNNERS = {"corpus": _run_corpus, "capture": _run_capture, "stats": _run_stats,
-           "partition": _run_partition, "score": _run_score, "allocate": _run_allocate,
-           "surgery": _run_surgery, "evaluate": _run_evaluate, "report": _run_report}
+           "partition": _run_partition, "score": _run_score, "path": _run_path,
+           "allocate": _run_allocate,
+           "surgery": _run_surgery, "perplexity": _run_perplexity, "choice": _run_choice,
+           "speed": _run_speed, "report": _run_report}

@@ -1,7 +1,10 @@
-"""Stage 5 task: scores (+ the model for the learned allocator) -> a pruning plan artifact.
+"""Stage ``allocate``: scores (+ the learned path) -> the pruning plan of one target.
 
-This is the only stage that depends on the target sparsity: one capture, stats,
-partition and score serve every target.
+The only stage that depends on the target sparsity: one capture, stats, partition,
+score and path serve every target. The allocator (``gprune.methods.allocators``, by
+name) gives keep fractions; they are projected onto the exact parameter budget and
+the best-scored units of each module are kept. Output: ``plan.json`` (a
+``PruningPlan``) and ``modules.parquet`` (per module: size, keep fraction, kept).
 """
 from __future__ import annotations
 
@@ -9,18 +12,17 @@ import logging
 import time
 
 import pandas as pd
-import torch
 
 from artifacts.store import Artifact, ArtifactStore
 from gprune.configs.allocate import AllocateConfig
-from gprune.errors import ArtifactError
-from gprune.maths.allocate import flap_fractions, harden, project, uniform_fractions
+from gprune.errors import ArtifactError, ConfigError
+from gprune.maths.allocate import harden, project
 from gprune.maths.budget import check_target
-from gprune.maths.learned import LearnSettings, learn_fractions
-from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
 from gprune.maths.plan import LayerPlan, PruningPlan
+from gprune.methods.allocators import AllocationInputs, allocator
 from gprune.models.adapters import ModelShape
 from tasks.base import run_stage, stage_spec
+from tasks.learning import learning_inputs
 
 log = logging.getLogger("gprune")
 TOLERANCE = 0.005  # achieved sparsity within 0.5 percentage points of the target
@@ -33,31 +35,27 @@ def stats_shape(stats: Artifact) -> ModelShape:
 def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
                  method: str = "gprune", bias_compensation: bool = False,
                  force: bool = False, path_key: str | None = None) -> str:
-    """The plan of one target. ``path_key``: the learned path to read (learned_path
-    allocator); when None it is learned here, or reused when stored."""
+    """The plan of one target; ``path_key``: the path stage's artifact (allocators that
+    use a path need it, the others refuse one)."""
     stats = store.read(stats_key, stage="stats")
     score = store.read(score_key, stage="score")
     shape = stats_shape(stats)
     check_target(shape, config.sparsity, config.mlp_floor, config.prune_attention)
+    chosen = allocator(config.allocator)
+    _check_path(chosen, path_key)
     params = {**config.key_params(), "method": method, "bias_compensation": bias_compensation}
-    inputs = {"score": score_key, "stats": stats_key}
-    if config.allocator == "learned_path":
-        inputs["path"] = path_key or run_path(config, store, score_key, stats_key)
+    inputs = {"score": score_key, "stats": stats_key, **({"path": path_key} if path_key else {})}
     spec = stage_spec(stats.manifest["model"], inputs, params)
 
     def build(out):
         scores = pd.read_parquet(score.file("scores.parquet"))
         started = time.time()
-        fractions, history = _fractions(config, store, stats, scores, shape, inputs.get("path"))
+        fractions, history = chosen.fractions(AllocationInputs(
+            scores, shape, config.sparsity, config.prune_attention, config.learn_settings(),
+            path_table=_path_table(store, path_key, config),
+            learning=lambda: learning_inputs(config, store, stats)))
         alloc = project(fractions, shape, config.sparsity, config.mlp_floor, config.prune_attention)
-        layers = tuple(LayerPlan(l["layer"], tuple(l["mlp_keep"]), tuple(l["heads_keep"]),
-                                 tuple(l["kv_keep"])) for l in harden(scores, alloc, shape))
-        plan = PruningPlan(
-            model_fingerprint=stats.manifest["model"], family=stats.extra["family"],
-            method=method, target_sparsity=config.sparsity, dense=shape, layers=layers,
-            bias_compensation=bias_compensation,
-            extra={"allocator": config.allocator, "calibration_sources": stats.extra["sources"],
-                   "stats_key": stats_key, "score_key": score_key})
+        plan = _plan(config, stats, scores, alloc, shape, method, bias_compensation, score_key)
         _check_budget(plan)
         plan.write(out.path)
         _module_table(fractions, alloc, shape).to_parquet(out.file("modules.parquet"), index=False)
@@ -69,97 +67,42 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
                           "model_path": stats.extra["model_path"],
                           "calibration_sources": stats.extra["sources"]})
 
-    return run_stage(store, "plan", spec, build, force)
+    return run_stage(store, "allocate", spec, build, force)
 
 
-def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
-             force: bool = False) -> str:
-    """The learned path (gprune.maths.learned_path) of these scores: one artifact that
-    every target sparsity's plan reads, learned once."""
-    stats = store.read(stats_key, stage="stats")
-    score = store.read(score_key, stage="score")
-    shape = stats_shape(stats)
-    spec = stage_spec(stats.manifest["model"], {"score": score_key, "stats": stats_key},
-                      config.path_params())
-
-    def build(out):
-        scores = pd.read_parquet(score.file("scores.parquet"))
-        started = time.time()
-        model, adapter, batches = _learning_inputs(config, store, stats)
-        settings = PathSettings(grid=config.path_grid, **_learn_settings(config))
-        table, history = learn_path(model, adapter, shape, scores, batches, settings)
-        table.to_parquet(out.file("path.parquet"), index=False)
-        seconds = round(time.time() - started, 2)
-        log.info("path: learned over targets %s in %.1fs", list(config.path_grid), seconds)
-        out.extra.update({"path_seconds": seconds, "objective": history,
-                          "grid": list(config.path_grid)})
-
-    return run_stage(store, "path", spec, build, force)
+def _check_path(chosen, path_key: str | None) -> None:
+    if chosen.uses_path and not path_key:
+        raise ConfigError(f"allocator {chosen.name} reads a learned path: run "
+                          "`gprune stage path` first and pass --path KEY")
+    if path_key and not chosen.uses_path:
+        raise ConfigError(f"allocator {chosen.name} uses no path; drop --path")
 
 
-def _fractions(config, store, stats, scores, shape, path_key=None):
-    if config.allocator == "uniform":
-        return uniform_fractions(scores, shape, config.sparsity, config.prune_attention), []
-    if config.allocator == "flap":
-        return flap_fractions(scores, shape, config.sparsity, config.prune_attention), []
-    if config.allocator == "learned_path":
-        _check_grid(config)
-        table = pd.read_parquet(store.read(path_key, stage="path").file("path.parquet"))
-        return path_fractions(table, scores, shape, config.sparsity, config.prune_attention), []
-    model, adapter, batches = _learning_inputs(config, store, stats)
-    settings = LearnSettings(**_learn_settings(config))
-    return learn_fractions(model, adapter, shape, scores, batches, config.sparsity, settings)
+def _path_table(store: ArtifactStore, path_key: str | None, config: AllocateConfig):
+    if not path_key:
+        return None
+    path = store.read(path_key, stage="path")
+    _check_grid(config, path.extra.get("grid", list(config.path_grid)))
+    return pd.read_parquet(path.file("path.parquet"))
 
 
-def _learn_settings(config: AllocateConfig) -> dict:
-    return dict(steps=config.learn_steps, lr=config.lr, penalty=config.penalty,
-                t_start=config.t_start, t_end=config.t_end, prune_attention=config.prune_attention)
+def _plan(config, stats, scores, alloc, shape, method, bias_compensation, score_key):
+    layers = tuple(LayerPlan(l["layer"], tuple(l["mlp_keep"]), tuple(l["heads_keep"]),
+                             tuple(l["kv_keep"])) for l in harden(scores, alloc, shape))
+    return PruningPlan(
+        model_fingerprint=stats.manifest["model"], family=stats.extra["family"],
+        method=method, target_sparsity=config.sparsity, dense=shape, layers=layers,
+        bias_compensation=bias_compensation,
+        extra={"allocator": config.allocator, "calibration_sources": stats.extra["sources"],
+               "stats_key": stats.key, "score_key": score_key})
 
 
-def _learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
-    from gprune.models.loader import load_model, resolve_device
-
-    model, tokenizer, adapter = load_model(stats.extra["model_path"],
-                                           device=resolve_device(config.device))
-    torch.manual_seed(config.seed)
-    return model, adapter, calibration_batches(store, stats, tokenizer, config)
-
-
-def _check_grid(config: AllocateConfig) -> None:
-    low, high = min(config.path_grid), max(config.path_grid)
+def _check_grid(config: AllocateConfig, grid: list[float]) -> None:
+    low, high = min(grid), max(grid)
     if not low - 0.05 <= config.sparsity <= high + 0.05:
         log.warning("allocate: target %.2f lies outside the learned path's grid [%.2f, %.2f]; "
                     "the path is extrapolated (widen path_grid to cover it)",
                     config.sparsity, low, high)
-
-
-def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,
-                        config: AllocateConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mixed-source calibration tokens: equal shares of every source behind the stats."""
-    from gprune.data.corpus import sample_sequences
-    from tasks.corpus import read_split
-
-    ids, masks = [], []
-    corpus_keys = [store.read(k, stage="capture").manifest["inputs"]["corpus"]
-                   for k in stats.extra["capture_keys"]]
-    per_source = max(1, config.n_sequences // len(corpus_keys))
-    for i, corpus_key in enumerate(corpus_keys):
-        texts = read_split(store, corpus_key, "calibration")
-        source_ids, source_mask = sample_sequences(texts, tokenizer, per_source, config.seq_len,
-                                                   seed=config.seed + 1000 + i)
-        ids.append(source_ids)
-        masks.append(source_mask)
-    ids_all, mask_all = _pad_cat(ids, tokenizer.pad_token_id), _pad_cat(masks, 0)
-    order = torch.randperm(len(ids_all), generator=torch.Generator().manual_seed(config.seed))
-    ids_all, mask_all = ids_all[order], mask_all[order]
-    return [(ids_all[i:i + config.batch_size], mask_all[i:i + config.batch_size])
-            for i in range(0, len(ids_all), config.batch_size)]
-
-
-def _pad_cat(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-                      for t in tensors])
 
 
 def _check_budget(plan: PruningPlan) -> None:

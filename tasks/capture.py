@@ -94,12 +94,3 @@ def write_table(frame, schema: pa.Schema, path) -> None:
     """Write a DataFrame as Parquet with exactly ``schema`` (column order and types)."""
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     pq.write_table(table, path)
-
-
-def read_capture(store: ArtifactStore, key: str):
-    """(artifact, channels DataFrame, layers DataFrame) of a capture artifact."""
-    import pandas as pd
-
-    artifact = store.read(key, stage="capture")
-    return (artifact, pd.read_parquet(artifact.file("channels.parquet")),
-            pd.read_parquet(artifact.file("layers.parquet")))

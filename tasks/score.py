@@ -1,11 +1,11 @@
-"""Stage 4 task: stats + partition -> gated module-local scores and the per-module record."""
+"""Stage 4 task: stats + partition -> the method's unit scores and the per-module record."""
 from __future__ import annotations
 
 import pandas as pd
 
 from artifacts.store import ArtifactStore
 from gprune.configs.score import ScoreConfig
-from gprune.maths.score import score_units
+from gprune.methods.registry import method_class
 from tasks.base import run_stage, stage_spec
 
 
@@ -19,8 +19,8 @@ def run_score(config: ScoreConfig, store: ArtifactStore, stats_key: str, partiti
     def build(out):
         units = pd.read_parquet(stats.file("units.parquet"))
         modules_of_units = pd.read_parquet(partition.file("modules.parquet"))
-        scores, modules = score_units(units, modules_of_units, config.metric, config.aggregate,
-                                      config.gate, config.q_sigma, config.q_m)
+        scores, modules = method_class(config.method).score_units(
+            units, modules_of_units, **config.settings)
         scores.to_parquet(out.file("scores.parquet"), index=False)
         modules.to_parquet(out.file("modules.parquet"), index=False)
         gated = modules[modules.metric_used == "weight"]

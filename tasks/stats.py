@@ -68,7 +68,7 @@ def run_stats(config: StatsConfig, store: ArtifactStore, capture_keys: list[str]
         weights, shape, family = load_weights(model_path, model_fingerprint)
         frames = [pd.read_parquet(c.file("channels.parquet")) for c in captures]
         check_shapes(frames, shape, capture_keys)
-        units = units_table(frames, weights, shape.head_dim, config.metrics)
+        units = units_table(frames, weights, shape.head_dim, config.channel_metrics())
         write_table(units, units_schema(config.metrics), out.file("units.parquet"))
         write_table(pooled_channels(frames), CHANNELS_SCHEMA, out.file("channels.parquet"))
         layers = pooled_layers([pd.read_parquet(c.file("layers.parquet")) for c in captures])

@@ -32,7 +32,7 @@ def read_plan(store: ArtifactStore, plan_key: str,
     plan's own model_path), refusing a plan made for another model."""
     from transformers import AutoConfig
 
-    artifact = store.read(plan_key, stage="plan")
+    artifact = store.read(plan_key, stage="allocate")
     plan = PruningPlan.read(artifact.file(PLAN_FILE))
     model = model or artifact.extra.get("model_path")
     if not model:

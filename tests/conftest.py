@@ -24,3 +24,16 @@ def store(tmp_path) -> ArtifactStore:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API for the whole session; results in a temporary folder."""
+    from prefect.settings import (PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+                                  temporary_settings)
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=60):
+        with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
+            yield {"url": PREFECT_API_URL.value(), "results": results}

@@ -16,7 +16,7 @@ from tasks.base import run_stage, stage_spec
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_OF_SCORE = ("corpus", "capture", "stats", "partition")
-CHAIN = ("stats", "partition", "score", "path", "plan", "surgery", "evaluate", "report")
+CHAIN = ("stats", "partition", "score", "path", "allocate", "surgery", "perplexity", "report")
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_maths_edit_changes_its_stage_and_downstream_only(tree):
     for stage in UPSTREAM_OF_SCORE:
         assert before[stage] == after[stage], stage
     moved = {s for s in keys_before if keys_before[s] != keys_after[s]}
-    assert moved == {"score", "path", "plan", "surgery", "evaluate", "report"}
+    assert moved == {"score", "path", "allocate", "surgery", "perplexity", "report"}
 
 
 def test_run_stage_rebuilds_after_a_maths_edit(tree, store):
@@ -105,16 +105,16 @@ def test_run_stage_rebuilds_after_a_maths_edit(tree, store):
     def chain():
         stats = run_stage(store, "stats", stage_spec("m", {}, {}), build("stats"))
         score = run_stage(store, "score", stage_spec("m", {"stats": stats}, {}), build("score"))
-        plan = run_stage(store, "plan", stage_spec("m", {"score": score}, {}), build("plan"))
+        plan = run_stage(store, "allocate", stage_spec("m", {"score": score}, {}), build("allocate"))
         return stats, score, plan
 
     first = chain()
-    assert chain() == first and built == ["stats", "score", "plan"]
+    assert chain() == first and built == ["stats", "score", "allocate"]
     edit(tree / "gprune/maths/score.py", "SIGMA_EPS = 1e-9", "SIGMA_EPS = 1e-8")
     clear_cache()
     second = chain()
     assert second[0] == first[0] and second[1:] != first[1:]
-    assert built == ["stats", "score", "plan", "score", "plan"]
+    assert built == ["stats", "score", "allocate", "score", "allocate"]
 
 
 def test_comments_docstrings_and_layout_do_not_change_digests(tree):
@@ -162,11 +162,11 @@ def test_request_id_follows_the_stage_code(tree, monkeypatch):
     clear_cache()
     after = {t: cache.request_id(t, inputs) for t in tasks}
     assert before["score"] != after["score"] and before["capture"] == after["capture"]
-    assert before["allocate"] == after["allocate"]  # the plan stage does not use maths.score
-    with open(tree / "gprune/maths/allocate.py", "a") as f:
+    assert before["allocate"] == after["allocate"]  # allocate does not use maths.score
+    with open(tree / "tasks/learning.py", "a") as f:  # allocate's code, not score's
         f.write("\nEDITED = 1\n")
     clear_cache()
-    assert cache.request_id("allocate", inputs) != after["allocate"]  # task allocate -> plan
+    assert cache.request_id("allocate", inputs) != after["allocate"]
     assert cache.request_id("score", inputs) == after["score"]
 
 

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from gprune.configs.allocate import AllocateConfig
-from gprune.configs.methods import MethodConfig
 from gprune.configs.partition import PartitionConfig
 from gprune.errors import ConfigError
 from gprune.maths.allocate import flap_fractions, harden, project, uniform_fractions
@@ -14,6 +13,7 @@ from gprune.maths.budget import check_target, head_config_for, select_heads
 from gprune.maths.partition import partition_units
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.maths.score import score_units
+from gprune.methods.registry import build_method
 from gprune.models.adapters import ModelShape
 from tests.synthetic import TINY_SHAPE, random_units, units_table
 
@@ -26,9 +26,9 @@ SHAPES = {
 
 
 def _plan(units, shape, sparsity, method="gprune", allocator="uniform"):
-    spec = MethodConfig(name=method, allocator=allocator)
+    spec = build_method({"name": method, "allocator": allocator})
     modules = partition_units(units, spec.partition_config().k, "wanda_sp")
-    scores, _ = score_units(units, modules, **{k: v for k, v in spec.score_config().params().items()})
+    scores, _ = spec.score_units(units, modules, **spec.score_config().settings)
     fractions = (flap_fractions if allocator == "flap" else uniform_fractions)(scores, shape, sparsity, True)
     alloc = project(fractions, shape, sparsity, 0.1, True)
     layers = tuple(LayerPlan(l["layer"], tuple(l["mlp_keep"]), tuple(l["heads_keep"]), tuple(l["kv_keep"]))
@@ -74,7 +74,7 @@ def test_gate_sends_sensitive_weak_module_to_weight_metric():
     modules = pd.DataFrame({"layer": 0, "kind": ["mlp"] * n + ["attn"] * 4,
                             "unit": list(range(n)) + list(range(4)),
                             "module": [0] * 30 + [1] * 10 + [0] * 4})
-    scored, summary = score_units(units, modules, "wanda_sp")
+    scored, summary = score_units(units, modules, "wanda_sp", "wanda_sp")
     used = summary.set_index(["kind", "module"]).metric_used
     assert used[("mlp", 1)] == "weight" and used[("mlp", 0)] == "activation"
     weak = scored[(scored.kind == "mlp") & (scored.module == 1)]
@@ -89,7 +89,7 @@ def test_identical_orders_make_every_module_reliable():
                         {(0, "mlp"): np.ones(40), (0, "attn"): np.ones(4)})
     assert np.allclose(units[units.kind == "mlp"].wanda_sp_sensitivity, 0.0)
     modules = partition_units(units, 4, "wanda_sp")
-    _, summary = score_units(units, modules, "wanda_sp")
+    _, summary = score_units(units, modules, "wanda_sp", "wanda_sp")
     assert (summary.metric_used == "activation").all()
 
 
@@ -102,7 +102,7 @@ def test_dominant_unit_cannot_crowd_out_other_modules():
     modules = pd.DataFrame({"layer": 0, "kind": ["mlp"] * 40 + ["attn"] * 4,
                             "unit": list(range(40)) + list(range(4)),
                             "module": [i // 10 for i in range(40)] + [0] * 4})
-    scored, _ = score_units(units, modules, "wanda_sp", gate=False)
+    scored, _ = score_units(units, modules, "wanda_sp", "wanda_sp", gate=False)
     mlp = scored[scored.kind == "mlp"]
     assert mlp.groupby("module").score.max().tolist() == [1.0, 1.0, 1.0, 1.0]
     shape = ModelShape(1, 64, 40, 4, 2, 16, True)
@@ -149,7 +149,7 @@ def test_invalid_partition_configs_raise(values):
 
 def test_unknown_method_and_impossible_target_and_big_k():
     with pytest.raises(ConfigError, match="known methods"):
-        MethodConfig.build(name="obs")
+        build_method("obs")
     with pytest.raises(ConfigError, match="impossible"):
         check_target(TINY_SHAPE, 0.8, 0.1, prune_attention=False)
     check_target(TINY_SHAPE, 0.5, 0.1, prune_attention=False)
@@ -161,6 +161,6 @@ def test_gate_needs_two_sources():
     units = random_units(sources=1)
     modules = partition_units(units, 2, "wanda_sp")
     with pytest.raises(ConfigError, match=">= 2"):
-        score_units(units, modules, "wanda_sp", gate=True)
-    scored, _ = score_units(units, modules, "wanda_sp", gate=False)
+        score_units(units, modules, "wanda_sp", "wanda_sp", gate=True)
+    scored, _ = score_units(units, modules, "wanda_sp", "wanda_sp", gate=False)
     assert scored.score.between(0, 1).all()

@@ -67,7 +67,7 @@ def test_deployment_run_through_local_server_and_worker(tmp_path):
         assert worker.returncode == 0, worker.stderr[-3000:]
         started["worker"] = int((state / "worker.pid").read_text())
 
-        params = json.dumps({**TINY, "store": str(tmp_path / "store")})
+        params = json.dumps({"config": TINY, "store": str(tmp_path / "store")})
         run = local("run", "--params", params, "--watch-interval", "2", "--watch-timeout", "240",
                     timeout=300)
         output = run.stdout + run.stderr

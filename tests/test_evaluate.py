@@ -1,10 +1,13 @@
-"""Evaluate stage: perplexity equals a direct computation, multiple choice through the
-stage, size/FLOPs, speed rows only when asked, caching, tags, log lines instead of bars."""
+"""Evaluation stages: ``perplexity`` equals a direct computation and carries size/FLOPs,
+``choice`` gives lm-eval's accuracies whatever the batch, ``speed`` rows (interleaved with
+the dense source for a pruned model); each stage's key ignores the other stages' settings,
+caching, tags, log lines instead of bars, the ``gprune stage`` commands."""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 import shutil
 import statistics
 
@@ -14,19 +17,25 @@ import torch
 import torch.nn.functional as F
 
 from artifacts.store import artifact_key
+from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
-from gprune.configs.evaluate import EvalConfig
+from gprune.configs.perplexity import PerplexityConfig
+from gprune.configs.pipeline import PipelineConfig
+from gprune.configs.speed import SpeedConfig
 from gprune.data.corpus import sample_sequences
 from gprune.errors import ConfigError
 from gprune.eval.lm_eval_runner import run_mc_tasks
 from gprune.eval.results import COLUMNS
 from gprune.maths import evaluate as em
 from gprune.models.loader import load_model, resolve_model
+from tasks.choice import run_choice
 from tasks.corpus import read_split, run_corpus
-from tasks.evaluate import run_evaluate
+from tasks.perplexity import run_perplexity
+from tasks.speed import run_speed
 
-FAST = dict(ppl_tokens=96, seq_len=32, mc_tasks=(), speed=True, speed_decode_tokens=2,
-            speed_repeats=1, batch_size=2, device="cpu")
+PPL = dict(ppl_tokens=96, seq_len=32, batch_size=2, device="cpu")
+SPEED = dict(prefill_tokens=32, decode_tokens=2, repeats=1, device="cpu")
+WORDS = "the cat sat on a mat while dogs ran past the old stone bridge".split()
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +44,22 @@ def tiny():
     return model, tokenizer, adapter
 
 
+def notes_file(folder):
+    docs = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40)) for i in range(12)]
+    path = folder / "notes.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
 @pytest.fixture
 def corpus_key(store, tmp_path):
-    words = "the cat sat on a mat while dogs ran past the old stone bridge".split()
-    docs = [" ".join(words[(i + j) % len(words)] for j in range(40)) for i in range(12)]
-    path = tmp_path / "notes.txt"
-    path.write_text("\n\n".join(docs))
-    return run_corpus(CorpusConfig(source=str(path), heldout_fraction=0.5), store)
+    return run_corpus(CorpusConfig(source=str(notes_file(tmp_path)), heldout_fraction=0.5), store)
+
+
+def results(store, key, stage) -> pd.DataFrame:
+    frame = pd.read_parquet(store.read(key, stage=stage).file("results.parquet"))
+    assert list(frame.columns) == list(COLUMNS)
+    return frame
 
 
 def direct_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -74,37 +92,65 @@ def test_window_nll_matches_direct_and_ignores_padding(tiny):
     assert again.tolist() == pytest.approx(sums.tolist(), rel=1e-5)
 
 
-def test_stage_perplexity_equals_direct_computation(store, corpus_key, tiny):
+def test_stage_perplexity_equals_direct_computation(store, corpus_key, tiny, caplog):
     model, tokenizer, adapter = tiny
-    key = run_evaluate(EvalConfig(**FAST), store, "tiny:llama", {"notes": corpus_key})
-    art = store.read(key, stage="evaluate")
-    frame = pd.read_parquet(art.file("results.parquet"))
-    assert list(frame.columns) == list(COLUMNS)
+    with caplog.at_level(logging.INFO, logger="gprune"):
+        key = run_perplexity(PerplexityConfig(**PPL), store, "tiny:llama", {"notes": corpus_key})
+    art = store.read(key, stage="perplexity")
+    frame = results(store, key, "perplexity")
+    assert set(frame["kind"]) == {"ppl", "size"}  # no mc, no speed rows
     ppl = frame[frame["kind"] == "ppl"].iloc[0]
     ids, mask = sample_sequences(read_split(store, corpus_key, "heldout"), tokenizer, 3, 32, 0)
     total, count = direct_nll(model, ids, mask)
     assert ppl["name"] == "notes" and ppl["tag"] == "ood"  # dense: no calibration source
     assert int(ppl["n"]) == count
     assert ppl["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert set(frame.loc[frame["kind"] == "speed", "name"]) == {
-        "prefill_tokens_per_s", "decode_tokens_per_s"}
-    assert (frame.loc[frame["kind"] == "speed", "value"] > 0).all()
+    size = frame[frame["kind"] == "size"].set_index("name")["value"]
+    assert size["params"] == em.parameter_counts(model, adapter)["params"]
+    assert size["flops_per_token"] == pytest.approx(em.flops_per_token(model, adapter, 16.5))
     assert art.extra["method"] == "dense" and art.extra["target_sparsity"] == 0.0
     assert art.manifest["inputs"]["model"] == resolve_model("tiny:llama").fingerprint
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("perplexity: notes (3 windows x 32 tokens)") for m in messages)
 
 
 def test_dense_is_evaluated_once(store, corpus_key, monkeypatch):
-    config = EvalConfig(**{**FAST, "speed": False})
-    first = run_evaluate(config, store, "tiny:llama", {"notes": corpus_key})
-    import tasks.evaluate as stage
+    config = PerplexityConfig(**PPL)
+    first = run_perplexity(config, store, "tiny:llama", {"notes": corpus_key})
+    import tasks.perplexity as stage
 
     def boom(*args, **kwargs):
         raise AssertionError("the dense model was evaluated twice")
 
-    monkeypatch.setattr(stage, "evaluate_checkpoint", boom)
-    assert run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}) == first
+    monkeypatch.setattr(stage, "load_checkpoint", boom)
+    assert run_perplexity(config, store, "tiny:llama", {"notes": corpus_key}) == first
     with pytest.raises(AssertionError):
-        run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}, force=True)
+        run_perplexity(config, store, "tiny:llama", {"notes": corpus_key}, force=True)
+
+
+def test_perplexity_is_kept_when_only_choice_or_speed_settings_change(store, corpus_key,
+                                                                       monkeypatch):
+    """Each budget enters its own stage's key only: new multiple-choice and speed settings
+    leave the perplexity config and key unchanged, and the second run reuses the artifact."""
+    base = PipelineConfig(eval_tokens=96, eval_seq_len=32, mc_tasks=["a.jsonl"], mc_limit=5,
+                          speed=False, device="cpu")
+    changed = base.model_copy(update={"mc_tasks": ["b.jsonl", "c.jsonl"], "mc_limit": 50,
+                                      "speed": True})
+    assert base.speed_config() is None and changed.speed_config() is not None
+    assert base.choice_config() != changed.choice_config()
+    assert base.model_copy(update={"mc_tasks": []}).choice_config() is None
+    assert changed.perplexity_config() == base.perplexity_config()
+    first = run_perplexity(base.perplexity_config(), store, "tiny:llama", {"notes": corpus_key})
+    manifest = store.path(first) / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    import tasks.perplexity as stage
+
+    monkeypatch.setattr(stage, "load_checkpoint", lambda *a: pytest.fail("recomputed"))
+    again = run_perplexity(changed.perplexity_config(), store, "tiny:llama",
+                           {"notes": corpus_key})
+    assert again == first and manifest.stat().st_mtime_ns == written
+    assert base.model_copy(update={"eval_tokens": 64}).perplexity_config() != \
+        base.perplexity_config()  # its own budget does change it
 
 
 def fake_surgery(store, calibration: list[str], **extra) -> str:
@@ -121,11 +167,9 @@ def fake_surgery(store, calibration: list[str], **extra) -> str:
 
 def test_surgery_checkpoint_tags_in_distribution(store, corpus_key):
     key = fake_surgery(store, ["notes"])
-    config = EvalConfig(**{**FAST, "speed": False})
-    ev = store.read(run_evaluate(config, store, key, {"notes": corpus_key}), stage="evaluate")
+    ev = store.read(run_perplexity(PerplexityConfig(**PPL), store, key, {"notes": corpus_key}))
     frame = pd.read_parquet(ev.file("results.parquet"))
     assert frame.loc[frame["kind"] == "ppl", "tag"].tolist() == ["in"]
-    assert "speed" not in set(frame["kind"])  # speed=False: no speed rows at all
     assert ev.extra["method"] == "wanda_sp" and ev.extra["target_sparsity"] == 0.3
     assert ev.extra["calibration_sources"] == ["notes"] and ev.extra["model"] == "tiny:llama"
     assert ev.manifest["inputs"]["model"] == key
@@ -143,22 +187,28 @@ def test_size_and_flops_follow_the_shape(tiny):
 
 
 def test_window_longer_than_the_model_is_clamped(store, corpus_key):
-    config = EvalConfig(**{**FAST, "seq_len": 4096, "ppl_tokens": 300, "speed": False})
-    ev = store.read(run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}))
+    config = PerplexityConfig(**{**PPL, "seq_len": 4096, "ppl_tokens": 300})
+    ev = store.read(run_perplexity(config, store, "tiny:llama", {"notes": corpus_key}))
     assert ev.extra["seq_len_used"] == 256  # tiny models have 256 positions
+    speed = store.read(run_speed(SpeedConfig(**{**SPEED, "prefill_tokens": 4096}), store,
+                                 "tiny:llama"))
+    assert speed.extra["prefill_tokens_used"] == 256
 
 
-@pytest.mark.parametrize("bad", [dict(ppl_tokens=0), dict(seq_len=1), dict(mc_limit=0),
-                                 dict(device="tpu"), dict(mc_tasks=("a", "a")),
-                                 dict(mc_tasks=(" ",)), dict(unknown=1)])
-def test_bad_config_is_one_line_error(bad):
+@pytest.mark.parametrize("cls, bad", [
+    (PerplexityConfig, dict(ppl_tokens=0)), (PerplexityConfig, dict(seq_len=1)),
+    (PerplexityConfig, dict(device="tpu")), (PerplexityConfig, dict(mc_limit=5)),
+    (ChoiceConfig, dict(mc_limit=0)), (ChoiceConfig, dict(mc_tasks=("a", "a"))),
+    (ChoiceConfig, dict(mc_tasks=(" ",))), (ChoiceConfig, dict(mc_tasks=())),
+    (ChoiceConfig, dict(seq_len=64)), (SpeedConfig, dict(repeats=0)),
+    (SpeedConfig, dict(decode_tokens=0)), (SpeedConfig, dict(ppl_tokens=64))])
+def test_bad_config_is_one_line_error(cls, bad):
     with pytest.raises(ConfigError) as err:
-        EvalConfig.build(**bad)
-    assert "\n" not in str(err.value) and str(err.value).startswith("EvalConfig")
+        cls.build(**bad)
+    assert "\n" not in str(err.value) and str(err.value).startswith(cls.__name__)
 
 
-def test_multiple_choice_through_the_stage(store, corpus_key, tiny, tmp_path, monkeypatch,
-                                           caplog):
+def test_multiple_choice_through_the_stage(store, tiny, tmp_path, monkeypatch, caplog):
     """The stage's mc rows are lm-eval's accuracies (whatever mc_batch_size), and without a
     terminal each measurement is one log line (no progress bars)."""
     model, tokenizer, _ = tiny
@@ -167,52 +217,56 @@ def test_multiple_choice_through_the_stage(store, corpus_key, tiny, tmp_path, mo
     path = tmp_path / "parity.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     import gprune.eval.lm_eval_runner as runner
-    import tasks.evaluate as stage
+    import tasks.choice as stage
 
     monkeypatch.setattr(runner, "tasks_root", lambda: tmp_path / "tasks")
     monkeypatch.setattr(stage, "progress_bars", lambda: False)
     frames, keys = [], []
     for mc_batch_size in (1, 16):
-        config = EvalConfig(**{**FAST, "speed": False, "mc_tasks": (str(path),),
-                               "mc_batch_size": mc_batch_size})
+        config = ChoiceConfig(mc_tasks=(str(path),), mc_batch_size=mc_batch_size, device="cpu")
         with caplog.at_level(logging.INFO, logger="gprune"):
-            keys.append(run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}))
-        frame = pd.read_parquet(store.read(keys[-1]).file("results.parquet"))
-        frames.append(frame[frame["kind"] == "mc"].reset_index(drop=True))
-    assert keys[0] != keys[1]  # every EvalConfig field is in the key
+            keys.append(run_choice(config, store, "tiny:llama"))
+        frame = results(store, keys[-1], "choice")
+        assert set(frame["kind"]) == {"mc"}
+        frames.append(frame)
+    assert keys[0] != keys[1]  # every ChoiceConfig field is in the key
     pd.testing.assert_frame_equal(frames[0], frames[1])
     [direct] = run_mc_tasks(model, tokenizer, [str(path)], limit=None, device="cpu",
                             shared_context=False, batch_size=1, root=tmp_path / "tasks")
     mc = frames[0].iloc[0]
-    assert (mc["name"], mc["metric"], mc["value"], int(mc["n"])) == (
-        "parity", "acc", direct.value, 12)
+    assert (mc["name"], mc["metric"], mc["value"], int(mc["n"]), mc["tag"]) == (
+        "parity", "acc", direct.value, 12, "ood")
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("evaluate: perplexity on notes") for m in messages)
-    assert any("loglikelihood requests (12 contexts" in m for m in messages)
+    assert any(m.startswith("choice: ") and "loglikelihood requests (12 contexts" in m
+               for m in messages)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n")
+    assert run_choice(config, store, "tiny:llama") != keys[1]  # an edited file: a new key
 
 
 def speed_rows(store, key) -> pd.DataFrame:
-    frame = pd.read_parquet(store.read(key).file("results.parquet"))
-    return frame[frame["kind"] == "speed"].set_index("name")
+    frame = results(store, key, "speed")
+    assert set(frame["kind"]) == {"speed"}
+    return frame.set_index("name")
 
 
-def test_pruned_speed_is_timed_interleaved_with_its_dense_source(store, corpus_key, caplog):
+def test_pruned_speed_is_timed_interleaved_with_its_dense_source(store, caplog):
     dense_fp = resolve_model("tiny:llama").fingerprint
     key = fake_surgery(store, ["notes"], source_fingerprint=dense_fp)
-    config = EvalConfig(**{**FAST, "speed_repeats": 2})
-    speed = speed_rows(store, run_evaluate(config, store, key, {"notes": corpus_key}))
+    config = SpeedConfig(**{**SPEED, "repeats": 2})
+    speed = speed_rows(store, run_speed(config, store, key))
     assert set(speed.index) == {"prefill_tokens_per_s", "decode_tokens_per_s",
                                 "prefill_speedup", "decode_speedup"}
     assert (speed["value"] > 0).all()
     assert speed.loc["prefill_speedup", "metric"] == "ratio"
     assert speed.loc["prefill_speedup", "n"] == 2  # paired repeats
-    assert speed.loc["prefill_tokens_per_s", "n"] == 2 * 32  # seq_len tokens per repeat
-    dense = speed_rows(store, run_evaluate(config, store, "tiny:llama", {"notes": corpus_key}))
+    assert speed.loc["prefill_tokens_per_s", "n"] == 2 * 32  # prefill tokens per repeat
+    assert store.read(run_speed(config, store, key)).extra["method"] == "wanda_sp"
+    dense = speed_rows(store, run_speed(config, store, "tiny:llama"))
     assert set(dense.index) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
     # a source spec that now names other weights: no reference, a warning, no speedup rows
     stale = fake_surgery(store, ["notes"], source_fingerprint="0" * 16)
     with caplog.at_level(logging.WARNING, logger="gprune"):
-        speed = speed_rows(store, run_evaluate(config, store, stale, {"notes": corpus_key}))
+        speed = speed_rows(store, run_speed(config, store, stale))
     assert set(speed.index) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
     assert any("no speedup over dense" in r.getMessage() for r in caplog.records)
 
@@ -237,3 +291,32 @@ def test_measure_speeds_interleaves_and_pairs_repeats(tiny, monkeypatch):
     assert out["fast"]["decode_speedup"][0] == pytest.approx(1.0)
     assert out["slow"]["prefill_tokens_per_s"][0] == pytest.approx(4.0)  # 8 tokens / 2 s
     assert "prefill_speedup" not in out["slow"]
+
+
+def test_stage_commands(store, tmp_path, capsys):
+    """``gprune stage --help`` lists the three evaluation stages, ``gprune stage perplexity
+    --help`` works, and perplexity + speed keys of one model make one report run."""
+    from gprune import cli
+
+    helps = []
+    for argv in (["stage", "--help"], ["stage", "perplexity", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0
+        helps.append(capsys.readouterr().out)
+    listed = re.findall(r"^    (\w+)(?: |$)", helps[0], flags=re.M)
+    assert listed[-4:] == ["perplexity", "choice", "speed", "report"]
+    assert "evaluate" not in listed
+    assert "--tokens" in helps[1] and "--seq-len" in helps[1] and "--mc-limit" not in helps[1]
+    keys = []
+    for argv in (["perplexity", "--sources", str(notes_file(tmp_path)), "--tokens", "64",
+                  "--seq-len", "32"], ["speed", "--prefill-tokens", "16", "--repeats", "1"]):
+        assert cli.main(["-q", "--store", str(store.root), "stage", *argv, "--model",
+                         "tiny:llama", "--device", "cpu"]) == 0
+        keys.append(capsys.readouterr().out.splitlines()[0])
+    assert [k.split("-")[0] for k in keys] == ["perplexity", "speed"]
+    assert cli.main(["-q", "--store", str(store.root), "stage", "report", "--evals", *keys]) == 0
+    report = store.read(capsys.readouterr().out.splitlines()[0], stage="report")
+    table = pd.read_parquet(report.file("results.parquet"))
+    assert table["run"].nunique() == 1 and set(table["kind"]) == {"ppl", "size", "speed"}
+    assert set(table["artifact"]) == set(keys)

@@ -11,6 +11,7 @@ quarantined and rebuilt by the next run; the Dask task runner on a 2-worker clus
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from artifacts.store import QUARANTINE, ArtifactStore
@@ -34,24 +36,11 @@ TINY = dict(model="tiny:llama", sources=["wikipedia", "docs"], eval_sources=["wi
             speed=False, device="cpu")
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """A temporary Prefect API for the whole session; results in a temporary folder."""
-    from prefect.settings import (PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH,
-                                  temporary_settings)
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(server_startup_timeout=60):
-        with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
-            yield {"url": PREFECT_API_URL.value(), "results": results}
-
-
 def run_flow(store: Path, **overrides):
     """Run the flow; return (result dict, {task name: [state names]})."""
     from flows.gprune_flow import gprune_flow
 
-    state = gprune_flow(**{**TINY, **overrides}, store=str(store), return_state=True)
+    state = gprune_flow(config={**TINY, **overrides}, store=str(store), return_state=True)
     assert state.is_completed(), state.message
     return state.result(), task_states(state.state_details.flow_run_id)
 
@@ -75,16 +64,21 @@ def manifests(store: Path, stages=SHARED) -> dict[str, int]:
             for stage in stages for p in sorted((store / stage).glob("*/manifest.json"))}
 
 
-def test_flow_parameters_are_pipeline_config_fields():
+def test_flow_parameters_are_the_pipeline_config():
+    """One declaration: the flow takes a PipelineConfig (Prefect builds its schema from it)."""
+    from prefect.utilities.callables import parameter_schema
+
     from flows.gprune_flow import gprune_flow
 
     params = inspect.signature(gprune_flow.fn).parameters
-    assert set(params) == set(PipelineConfig.model_fields) | {"store"}
-    defaults = PipelineConfig()
-    for name in ("model", "sources", "sparsities", "capture_sequences", "device", "force"):
-        assert params[name].default == getattr(defaults, name)
-    flow_config = PipelineConfig(**{n: p.default for n, p in params.items() if n != "store"})
-    assert flow_config == defaults
+    assert list(params) == ["config", "store"]
+    assert params["config"].annotation in (PipelineConfig, "PipelineConfig")
+    assert params["config"].default == PipelineConfig()
+    schema = parameter_schema(gprune_flow.fn).model_dump()
+    config_schema = schema["definitions"]["PipelineConfig"]["properties"]
+    assert set(config_schema) == set(PipelineConfig.model_fields)
+    assert config_schema["sparsities"]["description"] == \
+        PipelineConfig.model_fields["sparsities"].description
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +93,9 @@ def test_two_targets_complete(first_run):
     store = ArtifactStore(store_root)
     assert sorted(result["plans"]) == ["gprune@0.2", "gprune@0.3"]
     assert sorted(result["evals"]) == ["dense", "gprune@0.2", "gprune@0.3"]
+    assert all(list(run) == ["perplexity"] for run in result["evals"].values())  # no mc, speed
     keys = [result["stats"], result["report"], *result["plans"].values(),
-            *result["checkpoints"].values(), *result["evals"].values()]
+            *result["checkpoints"].values(), *eval_keys(result)]
     for key in keys:
         store.read(key)  # complete and verified
     for stage in SHARED:
@@ -112,14 +107,26 @@ def test_two_targets_complete(first_run):
     assert states["publish"] == ["Completed"]
 
 
-def test_one_more_target_reuses_shared_stages(first_run):
-    """Run 2 adds a target; one plan artifact was deleted meanwhile: it is rebuilt, not
-    served from Prefect's cache, and nothing before the plan stage is recomputed."""
+def eval_keys(result) -> list[str]:
+    return [key for run in result["evals"].values() for key in run.values()]
+
+
+def test_one_more_target_reuses_shared_stages(first_run, tmp_path, monkeypatch):
+    """Run 2 adds a target, a multiple-choice task and speed; one plan artifact was deleted
+    meanwhile: it is rebuilt, not served from Prefect's cache, nothing before the plan stage
+    is recomputed, and no perplexity either (choice and speed are stages of their own)."""
+    import gprune.eval.lm_eval_runner as runner
+
     store_root, first, _ = first_run
-    before = manifests(store_root)
+    task = tmp_path / "parity.jsonl"
+    task.write_text("".join(json.dumps({"query": f"Q: {i} is?\nA:", "choices": ["odd", "even"],
+                                        "gold": i % 2}) + "\n" for i in range(6)))
+    monkeypatch.setattr(runner, "tasks_root", lambda: tmp_path / "tasks")
+    before, ppl_before = manifests(store_root), manifests(store_root, ("perplexity",))
     shutil.rmtree(ArtifactStore(store_root).path(first["plans"]["gprune@0.2"]))
 
-    result, states = run_flow(store_root, sparsities=[0.2, 0.3, 0.4])
+    result, states = run_flow(store_root, sparsities=[0.2, 0.3, 0.4], speed=True,
+                              mc_tasks=[str(task)], mc_limit=4)
 
     assert manifests(store_root) == before  # same artifacts, none rewritten
     for stage in SHARED:
@@ -127,20 +134,29 @@ def test_one_more_target_reuses_shared_stages(first_run):
     assert result["plans"]["gprune@0.2"] == first["plans"]["gprune@0.2"]
     ArtifactStore(store_root).read(result["plans"]["gprune@0.2"])  # rebuilt
     assert states["allocate"].count("Cached") == 1  # 0.3; 0.2 rebuilt, 0.4 new
-    assert result["evals"]["dense"] == first["evals"]["dense"]
+    assert result["evals"]["dense"]["perplexity"] == first["evals"]["dense"]["perplexity"]
     assert sorted(result["evals"]) == ["dense", "gprune@0.2", "gprune@0.3", "gprune@0.4"]
+    assert all(list(run) == ["perplexity", "choice", "speed"] for run in result["evals"].values())
+    ppl_after = manifests(store_root, ("perplexity",))
+    assert {k: ppl_after[k] for k in ppl_before} == ppl_before and len(ppl_after) == 4
+    assert states["perplexity"].count("Cached") == 3 and states["speed"] == ["Completed"] * 4
+    assert states["choice"] == ["Completed"] * 4
+    report = (ArtifactStore(store_root).path(result["report"]) / "report.md").read_text()
+    assert "parity acc" in report and "decode tok/s" in report
+    speed = ArtifactStore(store_root).read(result["evals"]["gprune@0.4"]["speed"])
+    assert "decode_speedup" in set(pd.read_parquet(speed.file("results.parquet"))["name"])
 
 
 def test_wiped_prefect_cache_recomputes_nothing(first_run, prefect_api):
     store_root, _, _ = first_run
-    before = manifests(store_root, SHARED + ("corpus", "plan", "surgery"))
+    before = manifests(store_root, SHARED + ("corpus", "allocate", "surgery"))
     results = Path(prefect_api["results"])
     shutil.rmtree(results)
     results.mkdir()
 
     _, states = run_flow(store_root, sparsities=[0.3], evaluate=False)
 
-    assert manifests(store_root, SHARED + ("corpus", "plan", "surgery")) == before
+    assert manifests(store_root, SHARED + ("corpus", "allocate", "surgery")) == before
     for stage in SHARED:
         assert set(states[stage]) == {"Completed"}, (stage, states[stage])
 
@@ -156,18 +172,19 @@ def stall(self):  # the score stage's files are written, its manifest never come
     original(self)
 st.PendingArtifact.write_manifest = stall
 from flows.gprune_flow import gprune_flow
-gprune_flow(**__PARAMS__)
+gprune_flow(config=__PARAMS__, store=__STORE__)
 """
 
 
 def test_killed_run_reruns_without_half_written_artifact(prefect_api, tmp_path):
     store_root = tmp_path / "store"
     marker = tmp_path / "score-started"
-    params = {**TINY, "sparsities": [0.25], "evaluate": False, "store": str(store_root)}
+    params = {**TINY, "sparsities": [0.25], "evaluate": False}
     env = {**os.environ, "PREFECT_API_URL": prefect_api["url"], "KILL_MARKER": str(marker),
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_api["results"]),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    script = textwrap.dedent(KILLED_RUN).replace("__PARAMS__", repr(params))
+    script = textwrap.dedent(KILLED_RUN).replace("__PARAMS__", repr(params)).replace(
+        "__STORE__", repr(str(store_root)))
     log = tmp_path / "killed-run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=out,
@@ -187,7 +204,6 @@ def test_killed_run_reruns_without_half_written_artifact(prefect_api, tmp_path):
     assert partial, "the kill did not happen in the middle of the score stage"
     assert not list((store_root / "score").glob("*/manifest.json"))
 
-    params.pop("store")
     result, states = run_flow(store_root, **params)
 
     store = ArtifactStore(store_root)
@@ -241,25 +257,29 @@ def test_dask_task_runner_on_local_cluster(prefect_api, tmp_path):
     with LocalCluster(n_workers=2, processes=False, threads_per_worker=1,
                       dashboard_address=None) as cluster:
         runnable = flow_with_runner("dask", cluster.scheduler_address)
-        state = runnable(**{**TINY, "model": "tiny:qwen2"}, sparsities=[0.2, 0.3],
+        state = runnable(config={**TINY, "model": "tiny:qwen2", "sparsities": [0.2, 0.3]},
                          store=str(tmp_path / "store"), return_state=True)
         executed = [w.state.executed_count for w in cluster.workers.values()]
     assert state.is_completed(), state.message
     result = state.result()
     assert sorted(result["evals"]) == ["dense", "gprune@0.2", "gprune@0.3"]
     assert all(count > 0 for count in executed), executed  # both workers ran tasks
-    assert sum(executed) >= 2 + 2 + 1 + 1 + 1 + 2 * 2 + 3 + 1  # corpus..evaluate, report
+    assert sum(executed) >= 2 + 2 + 1 + 1 + 1 + 2 * 2 + 3 + 1  # corpus..perplexity, report
     ArtifactStore(tmp_path / "store").read(result["report"])
 
 
 def test_bad_parameters_fail_before_any_task(prefect_api, tmp_path):
+    from prefect.exceptions import ParameterTypeError
+
     from flows.gprune_flow import gprune_flow
     from gprune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="sparsities"):
-        gprune_flow(**{**TINY, "sparsities": [1.5]}, store=str(tmp_path / "s"))
-    with pytest.raises(ConfigError, match="method"):
-        gprune_flow(**{**TINY, "methods": ["nope"]}, store=str(tmp_path / "s"))
+    with pytest.raises(ParameterTypeError, match="sparsities"):
+        gprune_flow(config={**TINY, "sparsities": [1.5]}, store=str(tmp_path / "s"))
+    with pytest.raises(ParameterTypeError, match="unknown method 'nope'"):
+        gprune_flow(config={**TINY, "methods": ["nope"]}, store=str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        PipelineConfig.build(**{**TINY, "methods": ["nope"]})   # what the CLI builds
     assert not (tmp_path / "s").exists()
 
 

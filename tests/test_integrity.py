@@ -29,7 +29,7 @@ def flip_digit(path) -> None:
 
 @pytest.fixture
 def plan(store):
-    return run_stage(store, "plan", stage_spec("m", {"score": "score-x"}, {"s": 0.3}), build_plan)
+    return run_stage(store, "allocate", stage_spec("m", {"score": "score-x"}, {"s": 0.3}), build_plan)
 
 
 def test_manifest_records_hashes_and_code_digest(store, plan):
@@ -101,7 +101,7 @@ def test_run_stage_quarantines_and_rebuilds(store, plan, caplog):
     flip_digit(store.path(plan) / "plan.json")
     built = []
     with caplog.at_level(logging.WARNING, logger="gprune"):
-        key = run_stage(store, "plan", stage_spec("m", {"score": "score-x"}, {"s": 0.3}),
+        key = run_stage(store, "allocate", stage_spec("m", {"score": "score-x"}, {"s": 0.3}),
                         lambda p: (built.append(1), build_plan(p)))
     assert key == plan and built == [1]
     assert json.loads(store.read(plan, hash_limit=None).file("plan.json").read_text()) == PLAN
@@ -114,4 +114,4 @@ def test_run_stage_quarantines_and_rebuilds(store, plan, caplog):
 def test_downstream_read_of_corrupt_input_says_what_to_do(store, plan):
     flip_digit(store.path(plan) / "plan.json")
     with pytest.raises(CorruptArtifactError, match="rerun its stage"):
-        store.read(plan, stage="plan")
+        store.read(plan, stage="allocate")

@@ -18,7 +18,7 @@ def _setup(family="llama"):
     adapter = adapter_for(model.config)
     shape = adapter.shape(model.config)
     units = random_units(shape, sources=3, seed=4)
-    scores, _ = score_units(units, partition_units(units, 2, "wanda_sp"), "wanda_sp")
+    scores, _ = score_units(units, partition_units(units, 2, "wanda_sp"), "wanda_sp", "wanda_sp")
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (2, 24), generator=gen), torch.ones(2, 24, dtype=torch.long))
                for _ in range(2)]

@@ -1,4 +1,5 @@
-"""Report stage: renders from small hand-built results; tags; Prefect publishing."""
+"""Report stage: renders from small hand-built perplexity/choice/speed artifacts, one run per
+model whichever of its artifacts exist; tags; Prefect publishing."""
 from __future__ import annotations
 
 import math
@@ -18,37 +19,50 @@ SOURCES = ("wikipedia", "code")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def results(ppl: dict[str, float], acc: float, params: float, with_mc: bool = True):
-    rows = [record("ppl", s, "ppl", v, 0.1 * v, 4000) for s, v in ppl.items()]
-    if with_mc:
-        rows += [record("mc", "mmlu_local", "acc", acc, 0.03, 200, skipped=2),
-                 record("mc", "siqa_local", "acc_norm", acc + 0.1, 0.03, 200, skipped=6)]
-    rows += [record("size", "params", "count", params),
-             record("size", "flops_per_token", "flops", 2 * params),
-             record("speed", "decode_tokens_per_s", "tokens_per_s", 50.0, 1.0, 96)]
-    return results_frame(rows)
+def stage_rows(ppl: dict[str, float], acc: float, params: float) -> dict[str, list[dict]]:
+    """Result rows per evaluation stage, as each stage writes them."""
+    return {"perplexity": [*(record("ppl", s, "ppl", v, 0.1 * v, 4000) for s, v in ppl.items()),
+                           record("size", "params", "count", params),
+                           record("size", "flops_per_token", "flops", 2 * params)],
+            "choice": [record("mc", "mmlu_local", "acc", acc, 0.03, 200, skipped=2),
+                       record("mc", "siqa_local", "acc_norm", acc + 0.1, 0.03, 200, skipped=6)],
+            "speed": [record("speed", "decode_tokens_per_s", "tokens_per_s", 50.0, 1.0, 96)]}
 
 
-def fake_eval(store, method, sparsity, calibration, ppl, acc, with_mc=True) -> str:
-    spec = {"model": "m", "inputs": {"run": [method, sparsity, calibration]}, "params": {
-        "ppl_tokens": 4096, "seq_len": 512, "mc_limit": 200, "seed": 0}}
-    key = artifact_key("evaluate", spec)
-    with store.write(key, "evaluate", spec) as pending:
-        results(ppl, acc, 1e6 * (1 - sparsity), with_mc).to_parquet(
-            pending.file("results.parquet"))
-        pending.extra.update({"model": "smollm2", "method": method, "target_sparsity": sparsity,
-                              "calibration_sources": calibration, "seq_len_used": 512})
-    return key
+PARAMS = {"perplexity": {"ppl_tokens": 4096, "seq_len": 512, "seed": 0},
+          "choice": {"mc_limit": 200, "mc_tasks": ["mmlu_local", "siqa_local"], "seed": 0},
+          "speed": {"prefill_tokens": 512, "decode_tokens": 16, "repeats": 3, "seed": 0}}
+
+
+def fake_eval(store, method, sparsity, calibration, ppl, acc,
+              stages=("perplexity", "choice", "speed"), **params) -> list[str]:
+    """One artifact per stage in ``stages`` for one model (``params`` added to each
+    stage's); their keys."""
+    identity = f"surgery-{method}-{sparsity}-{'+'.join(calibration)}"
+    rows = stage_rows(ppl, acc, 1e6 * (1 - sparsity))
+    keys = []
+    for stage in stages:
+        spec = {"model": identity, "inputs": {"model": identity},
+                "params": {**PARAMS[stage], **params}}
+        keys.append(artifact_key(stage, spec))
+        with store.write(keys[-1], stage, spec) as pending:
+            results_frame(rows[stage]).to_parquet(pending.file("results.parquet"))
+            pending.extra.update({"model": "smollm2", "method": method,
+                                  "target_sparsity": sparsity,
+                                  "calibration_sources": calibration})
+            if stage == "perplexity":
+                pending.extra["seq_len_used"] = 512
+    return keys
 
 
 @pytest.fixture
 def eval_keys(store):
-    keys = [fake_eval(store, "dense", 0.0, [], {"wikipedia": 20.0, "code": 8.0}, 0.30)]
+    keys = fake_eval(store, "dense", 0.0, [], {"wikipedia": 20.0, "code": 8.0}, 0.30)
     for method, scale in (("gprune", 1.0), ("wanda_sp", 1.5)):
         for sparsity in (0.2, 0.4):
             ppl = {s: v * (1 + scale * sparsity * (3 if s == "code" else 1))
                    for s, v in {"wikipedia": 20.0, "code": 8.0}.items()}
-            keys.append(fake_eval(store, method, sparsity, ["wikipedia"], ppl, 0.3 - sparsity / 4))
+            keys += fake_eval(store, method, sparsity, ["wikipedia"], ppl, 0.3 - sparsity / 4)
     return keys
 
 
@@ -59,7 +73,8 @@ def test_report_renders_table_markdown_and_plots(store, eval_keys):
         data = art.file(name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
     table = pd.read_parquet(art.file("results.parquet"))
-    assert len(table) == 5 * 7 and table["eval_key"].nunique() == 5
+    assert len(table) == 5 * 7 and table["run"].nunique() == 5  # 3 artifacts per run
+    assert table["artifact"].nunique() == 15 and set(table["artifact"]) == set(eval_keys)
     assert len(pd.read_csv(art.file("results.csv"))) == len(table)
     gp = table[(table["method"] == "gprune") & (table["kind"] == "ppl")]
     assert dict(zip(gp["name"], gp["tag"])) == {"wikipedia": "in", "code": "ood"}
@@ -72,6 +87,10 @@ def test_report_renders_table_markdown_and_plots(store, eval_keys):
     assert "mmlu_local: 2 malformed row(s) skipped" in markdown
     assert "siqa_local: 6 malformed row(s) skipped" in markdown
     assert "![in_vs_ood.png](in_vs_ood.png)" in markdown
+    assert "5 evaluated checkpoint(s)" in markdown
+    assert "- mc_limit: 200\n" in markdown and "- decode_tokens: 16\n" in markdown
+    assert "- seq_len used: 512\n" in markdown
+    assert "decode tok/s" in summary.columns and "FLOPs/token" in summary.columns
     assert run_report(ReportConfig(title="Demo"), store, list(reversed(eval_keys))) == key
 
 
@@ -87,23 +106,46 @@ def test_in_ood_series_starts_each_line_at_the_dense_model(store, eval_keys):
 
 
 def test_methods_with_several_calibration_sets_get_separate_lines(store):
-    keys = [fake_eval(store, "flap", 0.3, cal, {"wikipedia": 30.0}, 0.25)
-            for cal in (["wikipedia"], ["code", "wikipedia"])]
+    keys = [key for cal in (["wikipedia"], ["code", "wikipedia"])
+            for key in fake_eval(store, "flap", 0.3, cal, {"wikipedia": 30.0}, 0.25)]
     table = long_table(__import__("tasks.report", fromlist=["x"]).load_runs(store, keys))
     assert set(table["label"]) == {"flap [wikipedia]", "flap [code+wikipedia]"}
 
 
 def test_report_without_mc_tasks_skips_the_accuracy_plot(store):
-    keys = [fake_eval(store, "dense", 0.0, [], {"code": 8.0}, 0.3, with_mc=False),
-            fake_eval(store, "gprune", 0.5, ["code"], {"code": 12.0}, 0.3, with_mc=False)]
+    """Runs without choice (and here without speed) artifacts: no accuracy plot or columns."""
+    only = ("perplexity",)
+    keys = [*fake_eval(store, "dense", 0.0, [], {"code": 8.0}, 0.3, stages=only),
+            *fake_eval(store, "gprune", 0.5, ["code"], {"code": 12.0}, 0.3, stages=only)]
     art = store.read(run_report(ReportConfig(), store, keys))
     assert not art.file("accuracy_vs_sparsity.png").exists()
     assert art.file("ppl_vs_sparsity.png").stat().st_size > 0
-    assert "no multiple-choice tasks" in art.file("report.md").read_text()
+    markdown = art.file("report.md").read_text()
+    assert "no multiple-choice tasks" in markdown
+    assert "mc_limit" not in markdown and "decode_tokens" not in markdown
+    assert list(pd.read_csv(art.file("summary.csv"))["method"]) == ["dense", "gprune"]
+
+
+def test_a_run_is_one_model_whichever_of_its_artifacts_exist(store):
+    """Perplexity alone for one model, speed alone for another: two runs, each with its
+    own rows; a second perplexity artifact of a model, or another stage's key, is refused."""
+    keys = [*fake_eval(store, "dense", 0.0, [], {"code": 8.0}, 0.3, stages=("perplexity",)),
+            *fake_eval(store, "gprune", 0.5, ["code"], {"code": 12.0}, 0.3, stages=("speed",))]
+    table = pd.read_parquet(store.read(run_report(ReportConfig(), store, keys)).file(
+        "results.parquet"))
+    kinds = {m: set(k) for m, k in table.groupby("method")["kind"]}
+    assert kinds == {"dense": {"ppl", "size"}, "gprune": {"speed"}}
+    other = fake_eval(store, "dense", 0.0, [], {"code": 9.0}, 0.3, stages=("perplexity",),
+                      ppl_tokens=1024)
+    with pytest.raises(ConfigError, match="two perplexity artifacts of one model"):
+        run_report(ReportConfig(), store, [*keys, *other])
+    report = run_report(ReportConfig(), store, keys)
+    with pytest.raises(ConfigError, match="is a report artifact"):
+        run_report(ReportConfig(), store, [*keys, report])
 
 
 def test_report_needs_evaluations(store):
-    with pytest.raises(ConfigError, match="run the evaluate stage"):
+    with pytest.raises(ConfigError, match="run the perplexity, choice or speed stage"):
         run_report(ReportConfig(), store, [])
 
 

@@ -47,7 +47,8 @@ SOURCE_B = _frame(dict(count=2, sum=[0, 2, 2], sumsq=[2, 8, 2], active=[0, 1, 2]
 
 
 def _hand_units():
-    return units_table([SOURCE_A, SOURCE_B], [WEIGHTS], head_dim=2, metrics=("wanda_sp", "flap"))
+    return units_table([SOURCE_A, SOURCE_B], [WEIGHTS], head_dim=2,
+                       metrics=StatsConfig().channel_metrics())
 
 
 def test_mlp_metrics_match_hand_computation():

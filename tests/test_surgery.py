@@ -281,7 +281,7 @@ def write_plan_artifact(store, plan: PruningPlan, model_path) -> str:
         plan.write(pending.path)
         pending.extra["model_path"] = str(model_path)
     spec = stage_spec(plan.model_fingerprint, {}, {"plan": plan.to_dict()})
-    return run_stage(store, "plan", spec, build)
+    return run_stage(store, "allocate", spec, build)
 
 
 def write_stats_artifact(store, fingerprint: str, means: dict) -> str:

@@ -1,5 +1,5 @@
 """Config of the allocation stage: the only stage that depends on the target sparsity."""
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -14,9 +14,10 @@ DEFAULT_STEPS = {"learned_path": PathSettings.steps, "learned": LearnSettings.st
 
 class AllocateConfig(StageConfig):
     sparsity: float = Field(..., gt=0, lt=1, description="fraction of prunable parameters removed")
-    allocator: Literal["learned_path", "learned", "uniform", "flap"] = Field(
-        "learned_path", description="learned_path: one learning run serves every target; "
-        "learned: one learning run per target; uniform / flap: no learning")
+    allocator: str = Field(
+        "learned_path", description="a gprune.methods.allocators name; learned_path: one "
+        "learning run serves every target; learned: one learning run per target; "
+        "uniform / flap: no learning")
     prune_attention: bool = True
     mlp_floor: float = Field(0.1, gt=0, le=1, description="min fraction of MLP channels per layer")
     # learned allocators
@@ -39,6 +40,14 @@ class AllocateConfig(StageConfig):
             raise ValueError("t_end must not exceed t_start (the temperature anneals down)")
         return self
 
+    @field_validator("allocator")
+    @classmethod
+    def _allocator(cls, name: str) -> str:
+        from gprune.methods.allocators import allocator
+
+        allocator(name)
+        return name
+
     @field_validator("path_grid")
     @classmethod
     def _grid(cls, grid: tuple[float, ...]) -> tuple[float, ...]:
@@ -58,6 +67,11 @@ class AllocateConfig(StageConfig):
         if self.allocator == "learned":
             params["steps"] = self.learn_steps
         return params
+
+    def learn_settings(self) -> dict:
+        """Settings of a learning allocator (LearnSettings / PathSettings fields)."""
+        return dict(steps=self.learn_steps, lr=self.lr, penalty=self.penalty,
+                    t_start=self.t_start, t_end=self.t_end)
 
     def path_params(self) -> dict:
         """Parameters that shape the learned path (every target shares them)."""

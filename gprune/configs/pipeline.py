@@ -14,41 +14,56 @@ from pydantic import Field, field_validator
 from gprune.configs.allocate import AllocateConfig
 from gprune.configs.base import StageConfig
 from gprune.configs.capture import CaptureConfig
+from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
-from gprune.configs.evaluate import EvalConfig
-from gprune.configs.methods import MethodConfig
+from gprune.configs.perplexity import PerplexityConfig
+from gprune.configs.speed import SpeedConfig
 from gprune.configs.surgery import SurgeryConfig
 from gprune.errors import ConfigError
+from gprune.methods.registry import Method, MethodSpec, build_method
 
-STAGES = ("corpus", "capture", "stats", "partition", "score", "path", "plan", "surgery",
-          "evaluate", "report")
+STAGES = ("corpus", "capture", "stats", "partition", "score", "path", "allocate", "surgery",
+          "perplexity", "choice", "speed", "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
-_EVAL = EvalConfig.model_fields
+_PPL, _CHOICE = PerplexityConfig.model_fields, ChoiceConfig.model_fields
 
 
 class PipelineConfig(StageConfig):
-    model: str = "smollm2"
-    sources: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES), min_length=1)
-    eval_sources: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_SOURCES))
-    sparsities: list[float] = Field(default_factory=lambda: [0.2], min_length=1)
-    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig()], min_length=1)
-    capture_sequences: int = Field(32, ge=1)
-    capture_seq_len: int = Field(512, ge=8)
-    capture_batch_size: int = Field(4, ge=1)
-    allocator_steps: Optional[int] = Field(None, ge=1,
-                                           description="None: the allocator's default")
-    prune_attention: bool = True
-    evaluate: bool = True
-    # evaluation budgets: EvalConfig's CPU-sized defaults (its docstring says how to scale up)
-    eval_tokens: int = Field(_EVAL["ppl_tokens"].default, ge=2)
-    eval_seq_len: int = Field(_EVAL["seq_len"].default, ge=2)
-    mc_tasks: list[str] = Field(default_factory=lambda: list(_EVAL["mc_tasks"].default))
-    mc_limit: int = Field(_EVAL["mc_limit"].default, ge=1)
-    speed: bool = _EVAL["speed"].default
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    force: list[str] = Field(default_factory=list, description="stages to recompute")
+    model: str = Field("smollm2", description="smollm2 (embedded default), tiny:<family>, "
+                                              "an HF folder, or a Hub id")
+    sources: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES), min_length=1,
+                               description="calibration sources (wikipedia, web, code, news, "
+                                           "math, docs, hf:<id>, or .txt/.jsonl/.parquet files)")
+    eval_sources: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_SOURCES),
+                                    description="held-out perplexity sources")
+    sparsities: list[float] = Field(default_factory=lambda: [0.2], min_length=1,
+                                    description="target fractions of prunable parameters")
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: ["gprune"], min_length=1,
+        description="pruning methods: name or name:key=value,... (e.g. gprune:k=1,gate=false)")
+    capture_sequences: int = Field(32, ge=1, description="calibration sequences per source")
+    capture_seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
+    capture_batch_size: int = Field(4, ge=1, description="sequences per capture forward pass")
+    allocator_steps: Optional[int] = Field(
+        None, ge=1, description="Adam steps of learned allocators (None: 48 for a path, "
+                                "30 per target)")
+    prune_attention: bool = Field(True, description="prune attention heads too (else MLP only)")
+    evaluate: bool = Field(True, description="evaluate and report (else stop after surgery)")
+    # evaluation budgets: the stage configs' CPU-sized defaults (gprune.configs.evaluate
+    # says how to scale up); no mc_tasks: no choice stage; speed: run the speed stage
+    eval_tokens: int = Field(_PPL["ppl_tokens"].default, ge=2,
+                             description="held-out tokens per source (GPU: e.g. 32768)")
+    eval_seq_len: int = Field(_PPL["seq_len"].default, ge=2, description="tokens per window")
+    mc_tasks: list[str] = Field(default_factory=lambda: list(_CHOICE["mc_tasks"].default),
+                                description="multiple-choice tasks (none: no choice stage)")
+    mc_limit: int = Field(_CHOICE["mc_limit"].default, ge=1,
+                          description="examples per task (GPU: e.g. 1000)")
+    speed: bool = Field(False, description="time prefill/decode (pruned interleaved with dense)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
+    seed: int = Field(0, description="seed of every sampled choice")
+    force: list[str] = Field(default_factory=list,
+                             description=f"stages to recompute ({', '.join(STAGES)}, all)")
 
     @field_validator("sparsities")
     @classmethod
@@ -66,10 +81,18 @@ class PipelineConfig(StageConfig):
             raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}, all")
         return values
 
-    @field_validator("methods", mode="before")
+    @field_validator("methods")
     @classmethod
-    def _method_names(cls, values):
-        return [{"name": v} if isinstance(v, str) else v for v in values]
+    def _methods(cls, specs: list[MethodSpec]) -> list[MethodSpec]:
+        labels = [build_method(spec).label for spec in specs]  # unknown names, bad params
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"method {twice[0]} is given twice (their plans would overwrite "
+                             "each other); give each method once")
+        return specs
+
+    def method_objects(self) -> list[Method]:
+        return [build_method(spec) for spec in self.methods]
 
     # ---- per-stage configs -------------------------------------------------------
     def forced(self, stage: str) -> bool:
@@ -83,19 +106,32 @@ class PipelineConfig(StageConfig):
                              seq_len=self.capture_seq_len, batch_size=self.capture_batch_size,
                              seed=self.seed, device=self.device)
 
-    def allocate_config(self, method: MethodConfig, sparsity: float) -> AllocateConfig:
-        return AllocateConfig(sparsity=sparsity, allocator=method.settings()["allocator"],
+    def allocate_config(self, method: Method, sparsity: float) -> AllocateConfig:
+        return AllocateConfig(sparsity=sparsity, allocator=method.allocator,
                               prune_attention=self.prune_attention, steps=self.allocator_steps,
                               seed=self.seed, device=self.device)
 
-    def surgery_config(self, method: MethodConfig) -> SurgeryConfig:
-        return SurgeryConfig(bias_compensation=method.settings()["bias_compensation"],
+    def surgery_config(self, method: Method) -> SurgeryConfig:
+        return SurgeryConfig(bias_compensation=method.bias_compensation,
                              device=self.device)
 
-    def eval_config(self) -> EvalConfig:
-        return EvalConfig(ppl_tokens=self.eval_tokens, seq_len=self.eval_seq_len,
-                          mc_tasks=tuple(self.mc_tasks), mc_limit=self.mc_limit, speed=self.speed,
-                          device=self.device, seed=self.seed)
+    def perplexity_config(self) -> PerplexityConfig:
+        return PerplexityConfig.build(ppl_tokens=self.eval_tokens, seq_len=self.eval_seq_len,
+                                      device=self.device, seed=self.seed)
+
+    def choice_config(self) -> Optional[ChoiceConfig]:
+        """None when there are no mc_tasks (the flow then runs no choice stage)."""
+        if not self.mc_tasks:
+            return None
+        return ChoiceConfig.build(mc_tasks=tuple(self.mc_tasks), mc_limit=self.mc_limit,
+                                  device=self.device, seed=self.seed)
+
+    def speed_config(self) -> Optional[SpeedConfig]:
+        """None unless ``speed`` (the flow then runs no speed stage)."""
+        if not self.speed:
+            return None
+        return SpeedConfig.build(prefill_tokens=self.eval_seq_len, device=self.device,
+                                 seed=self.seed)
 
 
 def preflight(config: PipelineConfig):
@@ -112,17 +148,18 @@ def preflight(config: PipelineConfig):
     ref = resolve_model(config.model)
     model_config = AutoConfig.from_pretrained(ref.path)
     shape = adapter_for(model_config).shape(model_config)
-    for method in config.methods:
-        settings = method.settings()
-        if settings["gate"] and len(config.sources) < 2:
-            raise ConfigError(f"method {method.label} needs distribution sensitivity from >= 2 "
-                              "sources; add --sources or use --no-gate")
-        if settings["k"] > shape.intermediate:
-            raise ConfigError(f"k={settings['k']} exceeds the {shape.intermediate} MLP channels "
-                              "of a layer")
+    for method in config.method_objects():
+        if method.needs_sources > len(config.sources):
+            raise ConfigError(f"method {method.label} needs distribution sensitivity from >= "
+                              f"{method.needs_sources} sources; add --sources or use "
+                              f"{method.name}:gate=false")
+        k = method.partition_config().k
+        if k > shape.intermediate:
+            raise ConfigError(f"method {method.label}: k={k} exceeds the {shape.intermediate} "
+                              "MLP channels of a layer")
         for sparsity in config.sparsities:
             check_target(shape, sparsity, 0.1, config.prune_attention)
-    config.eval_config()
+    config.perplexity_config(), config.choice_config(), config.speed_config()
     return ref, shape
 
 

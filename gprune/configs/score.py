@@ -1,14 +1,24 @@
-"""Config of the reliability-gated scoring stage (METHOD.md stage 4)."""
-from typing import Literal
+"""Config of the scoring stage (METHOD.md stage 4): which method scores, with what settings.
 
-from pydantic import Field
+``settings`` are the method's ``score_settings()`` (for the built-in methods: the
+importance criterion, aggregation over sources, the reliability gate and its
+quantiles); the stage calls ``score_units`` of the registered method ``method``.
+"""
+from typing import Any
+
+from pydantic import Field, field_validator
 
 from gprune.configs.base import StageConfig
 
 
 class ScoreConfig(StageConfig):
-    metric: Literal["wanda_sp", "flap", "weight"] = "wanda_sp"
-    aggregate: Literal["normalized_mean", "pooled"] = "normalized_mean"
-    gate: bool = True
-    q_sigma: float = Field(0.75, gt=0, lt=1)
-    q_m: float = Field(0.25, gt=0, lt=1)
+    method: str = Field("gprune", description="registered method whose score_units runs")
+    settings: dict[str, Any] = Field(default_factory=dict, description="its score settings")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from gprune.methods.registry import method_class
+
+        method_class(name)
+        return name

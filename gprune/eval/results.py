@@ -13,8 +13,9 @@ One row per measured quantity:
 | skipped | int64 | malformed task rows skipped (mc), else 0 |
 | tag | string | ``in`` / ``ood`` for ppl and mc, empty for size and speed |
 
-Speed rows (only with ``EvalConfig.speed``): ``prefill_tokens_per_s`` and
-``decode_tokens_per_s``; a pruned checkpoint's evaluation also times its dense source
+Each evaluation stage writes its own kinds: ``perplexity`` the ``ppl`` and ``size`` rows,
+``choice`` the ``mc`` rows, ``speed`` the ``speed`` rows: ``prefill_tokens_per_s`` and
+``decode_tokens_per_s``; a pruned checkpoint's speed stage also times its dense source
 model, interleaved with it, and adds ``prefill_speedup`` and ``decode_speedup`` (metric
 ``ratio``: pruned / dense tokens/s, median over the paired repeats).
 
@@ -32,6 +33,7 @@ import pandas as pd
 COLUMNS = {"kind": "string", "name": "string", "metric": "string", "value": "float64",
            "stderr": "float64", "n": "int64", "skipped": "int64", "tag": "string"}
 KINDS = ("ppl", "mc", "size", "speed")
+RESULTS_FILE = "results.parquet"  # the file of an evaluation artifact holding the rows
 
 
 def tag_for(kind: str, name: str, calibration_sources: Iterable[str]) -> str:

@@ -67,7 +67,7 @@ class SharedContextHFLM(HFLM):
         answers = super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
         seconds = time.perf_counter() - start
         if self.stats:
-            log.info("evaluate: %d loglikelihood requests (%d contexts, %d tokens) in %.1f s, "
+            log.info("choice: %d loglikelihood requests (%d contexts, %d tokens) in %.1f s, "
                      "%.1f requests/s", len(requests), self.stats["contexts"],
                      self.stats["tokens"], seconds, len(requests) / max(seconds, 1e-9))
         return answers

@@ -51,30 +51,32 @@ def summarize_modules(units: pd.DataFrame, metric: str, q_sigma: float, q_m: flo
     return modules.merge(layer, on=["layer", "kind"])
 
 
-def score_units(units: pd.DataFrame, modules_of_units: pd.DataFrame, metric: str,
-                aggregate: str = "normalized_mean", gate: bool = True,
+def score_units(units: pd.DataFrame, modules_of_units: pd.DataFrame, metric: str | None,
+                signal: str, aggregate: str = "normalized_mean", gate: bool = True,
                 q_sigma: float = 0.75, q_m: float = 0.25) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Gated module-local scores.
 
     units: stats rows (layer, kind, unit, metric columns, weight_score);
     modules_of_units: (layer, kind, unit, module) from the partition stage;
-    metric: "wanda_sp" | "flap" | "weight" (weight-only: magnitude_sp).
+    metric: the activation metric's column prefix, or None to score by ``weight_score``
+    only (no activations, so no gate); signal: the activation metric whose sensitivity
+    and magnitude describe (and gate) the modules.
     Returns (scores[layer, kind, unit, module, metric_used, raw, score], modules summary).
     """
-    signal = "wanda_sp" if metric == "weight" else metric   # whose sensitivity the summary shows
-    if gate and metric != "weight" and units[f"{signal}_sensitivity"].isna().any():
+    gated = gate and metric is not None
+    if gated and units[f"{signal}_sensitivity"].isna().any():
         raise ConfigError("the reliability gate needs distribution sensitivity from >= 2 "
-                          "calibration sources; add sources or turn the gate off (--no-gate)")
+                          "calibration sources; add sources or turn the gate off (gate=false)")
     table = units.merge(modules_of_units, on=["layer", "kind", "unit"], validate="one_to_one")
     modules = summarize_modules(table, signal, q_sigma, q_m)
-    if gate and metric != "weight":
+    if gated:
         modules = gate_modules(modules, q_sigma, q_m)
     else:
-        modules["metric_used"] = "weight" if metric == "weight" else "activation"
-        modules["reason"] = "weight-only method" if metric == "weight" else "gate off"
+        modules["metric_used"] = "weight" if metric is None else "activation"
+        modules["reason"] = "weight-only method" if metric is None else "gate off"
     table = table.merge(modules[["layer", "kind", "module", "metric_used"]],
                         on=["layer", "kind", "module"])
-    activation = (table.weight_score.to_numpy() if metric == "weight"
+    activation = (table.weight_score.to_numpy() if metric is None
                   else activation_score(table, metric, aggregate))
     table["raw"] = np.where(table.metric_used == "weight", table.weight_score, activation)
     table["score"] = table.groupby(["layer", "kind", "module"]).raw.transform(scaled_rank)

@@ -31,9 +31,6 @@ from torch import nn
 
 from gprune.models.adapters import FamilyAdapter
 
-METRICS = ("wanda_sp", "flap")
-
-
 @dataclass(frozen=True)
 class LayerWeights:
     """The weights one layer's unit scores need."""
@@ -85,16 +82,6 @@ def wanda_sp_channels(rms: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
 def flap_channels(var: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """(C,) Var[x_c] * ||W_out[:, c]||^2; w_out (out, C)."""
     return var * w_out.square().sum(dim=0)
-
-
-def channel_metric(metric: str, total: torch.Tensor, sumsq: torch.Tensor, count: torch.Tensor,
-                   w_out: torch.Tensor) -> torch.Tensor:
-    """(C,) one base metric from a channel block's statistics."""
-    if metric == "wanda_sp":
-        return wanda_sp_channels(channel_rms(sumsq, count), w_out)
-    if metric == "flap":
-        return flap_channels(channel_var(total, sumsq, count), w_out)
-    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
 
 
 def heads_sum(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -6,16 +6,19 @@ source, all of the same model. Output columns are documented in ``tasks/stats.py
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from gprune.maths.stats import (LayerWeights, channel_metric, channel_var, head_weight_scores,
+from gprune.maths.stats import (LayerWeights, channel_var, head_weight_scores,
                                 heads_mean, heads_sum, magnitude, mlp_weight_scores,
                                 rank_matrix, sensitivity)
 
 KINDS = ("mlp", "attn")
+# (total, sumsq, count, w_out) -> (C,) per-channel score; gprune.methods.importance has them
+ChannelMetric = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _MOMENTS = ("count", "sum", "sumsq", "sum_abs", "active")
 
 
@@ -51,8 +54,10 @@ def _block_keys(num_layers: int) -> list[tuple[int, str]]:
 
 
 def unit_columns(kind: str, blocks: list[ChannelBlock], weights: LayerWeights, head_dim: int,
-                 metrics: tuple[str, ...]) -> dict[str, object]:
-    """Columns of one (layer, kind): weight_score, freq and the metric columns, per unit."""
+                 metrics: dict[str, ChannelMetric]) -> dict[str, object]:
+    """Columns of one (layer, kind): weight_score, freq and the metric columns, per unit.
+
+    ``metrics``: column name -> (total, sumsq, count, w_out) -> (C,) per-channel score."""
     weights = weights.float64()
     w_out = weights.mlp_out if kind == "mlp" else weights.attn_out
     if kind == "mlp":
@@ -65,8 +70,8 @@ def unit_columns(kind: str, blocks: list[ChannelBlock], weights: LayerWeights, h
     freq = torch.stack([mean_to_units(b.active / b.count.clamp_min(1)) for b in blocks]).mean(0)
     columns: dict[str, object] = {"weight_score": weight_score.numpy(), "freq": freq.numpy()}
     pooled = ChannelBlock.pool(blocks)
-    for metric in metrics:
-        scores = np.stack([to_units(channel_metric(metric, b.sum, b.sumsq, b.count, w_out)).numpy()
+    for metric, channel_metric in metrics.items():
+        scores = np.stack([to_units(channel_metric(b.sum, b.sumsq, b.count, w_out)).numpy()
                            for b in blocks], axis=1)                           # (U, D)
         ranks = rank_matrix(scores)                                            # (U, D)
         columns[metric] = list(scores)
@@ -74,12 +79,12 @@ def unit_columns(kind: str, blocks: list[ChannelBlock], weights: LayerWeights, h
         columns[f"{metric}_sensitivity"] = sensitivity(ranks)
         columns[f"{metric}_magnitude"] = magnitude(scores)
         columns[f"{metric}_pooled"] = to_units(channel_metric(
-            metric, pooled.sum, pooled.sumsq, pooled.count, w_out)).numpy()
+            pooled.sum, pooled.sumsq, pooled.count, w_out)).numpy()
     return columns
 
 
 def units_table(per_source: list[pd.DataFrame], weights: list[LayerWeights], head_dim: int,
-                metrics: tuple[str, ...]) -> pd.DataFrame:
+                metrics: dict[str, ChannelMetric]) -> pd.DataFrame:
     """One row per (layer, kind, unit), layers ascending, mlp before attn, units ascending."""
     sources = [channel_blocks(frame) for frame in per_source]
     parts = []

@@ -118,7 +118,7 @@ def render_markdown(table: pd.DataFrame, title: str, plots: list[str],
     summary = summary_table(table)
     calibrations = sorted({c for c in table["calibration"] if c})
     parts = [f"# {title}", "",
-             f"{table['eval_key'].nunique()} evaluated checkpoint(s); calibration sets: "
+             f"{table['run'].nunique()} evaluated checkpoint(s); calibration sets: "
              f"{', '.join(calibrations) or 'none'}.", "", "## Results", "",
              markdown_table(summary), "",
              "`ppl in (geo)` / `ppl ood (geo)`: geometric-mean perplexity over the corpus "

@@ -1,7 +1,9 @@
 """The report's tables: one long table across runs, and a wide summary per run.
 
-A *run* is one evaluate artifact: a method, its calibration sources and a target
-sparsity (the dense model is method ``dense`` at sparsity 0). Runs of one method
+A *run* is one evaluated model (a method, its calibration sources and a target
+sparsity; the dense model is method ``dense`` at sparsity 0), its rows gathered from
+its ``perplexity``, ``choice`` and ``speed`` artifacts (column ``artifact`` names the
+artifact of each row). Runs of one method
 with different calibration sets are labelled ``method [src+src]`` so they plot as
 separate lines. In-distribution (``in``) perplexity means the evaluated source was a
 calibration source of that run; everything else, and every multiple-choice task,
@@ -17,7 +19,7 @@ import pandas as pd
 
 from gprune.eval.results import COLUMNS, tag_for
 
-RUN_COLUMNS = {"eval_key": "string", "model": "string", "method": "string",
+RUN_COLUMNS = {"run": "string", "artifact": "string", "model": "string", "method": "string",
                "calibration": "string", "label": "string", "target_sparsity": "float64"}
 DENSE = "dense"
 
@@ -25,18 +27,20 @@ DENSE = "dense"
 def long_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
     """Concatenate runs into one table (run columns + result columns), sorted.
 
-    Each run is ``{"eval_key", "model", "method", "target_sparsity",
-    "calibration_sources": [...], "results": DataFrame}``; tags are recomputed
-    from the run's calibration sources.
+    Each run is ``{"run", "model", "method", "target_sparsity", "calibration_sources":
+    [...], "results": DataFrame}`` (``run``: the model's identity; ``results`` may carry
+    an ``artifact`` column); tags are recomputed from the run's calibration sources.
     """
     frames = []
     for run in runs:
         frame = run["results"].copy()
+        if "artifact" not in frame:
+            frame["artifact"] = ""
         calibration = sorted(run.get("calibration_sources") or [])
         frame["tag"] = [tag_for(k, n, calibration) for k, n in zip(frame["kind"], frame["name"])]
         sparsity = run.get("target_sparsity")
         frame = frame.assign(
-            eval_key=run["eval_key"], model=str(run.get("model") or ""),
+            run=run["run"], model=str(run.get("model") or ""),
             method=str(run.get("method") or "unknown"), calibration="+".join(calibration),
             target_sparsity=0.0 if run.get("method") == DENSE else _float(sparsity))
         frames.append(frame)
@@ -71,7 +75,7 @@ def geo_mean(values: pd.Series) -> float:
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per run: per-source perplexity, in/ood geo-means, task accuracy, size, speed."""
     rows = []
-    for key, run in table.groupby("eval_key", sort=False):
+    for _run, run in table.groupby("run", sort=False):
         first = run.iloc[0]
         row: dict[str, Any] = {"method": first["label"], "calibration": first["calibration"],
                                "sparsity": first["target_sparsity"]}

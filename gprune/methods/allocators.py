@@ -1,0 +1,116 @@
+"""Allocators by name: how many units each module keeps at one target sparsity.
+
+An allocator turns unit scores into continuous keep fractions per MLP module and per
+layer's attention (``gprune.maths.allocate.Fractions``); the allocate stage then
+projects them onto the exact budget and keeps the best-scored units. ``uses_path``:
+the allocator reads a learned path (the ``path`` stage, learned once for every
+target); ``needs_model``: its fractions run the model (loaded by the stage through
+``AllocationInputs.learning``; the path stage always does). Register a new one with ``@register_allocator``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import pandas as pd
+
+from gprune.errors import ConfigError
+from gprune.maths.allocate import Fractions, flap_fractions, uniform_fractions
+from gprune.maths.learned import LearnSettings, learn_fractions
+from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
+from gprune.methods.named import Registry
+from gprune.models.adapters import ModelShape
+
+# () -> (model, adapter, calibration batches); loads the dense model when called
+Learning = Callable[[], tuple[Any, Any, list]]
+
+
+@dataclass(frozen=True)
+class AllocationInputs:
+    scores: pd.DataFrame           # the score stage's table
+    shape: ModelShape
+    sparsity: float
+    prune_attention: bool
+    learn: dict                    # learning settings (AllocateConfig.learn_settings())
+    path_table: Optional[pd.DataFrame] = None   # uses_path allocators: the path stage's table
+    learning: Optional[Learning] = None         # needs_model allocators
+
+
+class Allocator:
+    name: ClassVar[str]
+    uses_path: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = False
+
+    @classmethod
+    def fractions(cls, inputs: AllocationInputs) -> tuple[Fractions, list[float]]:
+        """Keep fractions at ``inputs.sparsity`` and the objective history (may be empty)."""
+        raise NotImplementedError
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator")
+register_allocator = ALLOCATORS.register
+allocator = ALLOCATORS.lookup
+AllocatorName = ALLOCATORS.name_type()  # a method parameter's type
+
+
+@register_allocator
+class Uniform(Allocator):
+    """The same keep fraction in every module (Wanda-sp, magnitude)."""
+
+    name = "uniform"
+
+    @classmethod
+    def fractions(cls, inputs):
+        return uniform_fractions(inputs.scores, inputs.shape, inputs.sparsity,
+                                 inputs.prune_attention), []
+
+
+@register_allocator
+class GlobalThreshold(Allocator):
+    """FLAP's global threshold on standardized scores (layers get what they score)."""
+
+    name = "flap"
+
+    @classmethod
+    def fractions(cls, inputs):
+        return flap_fractions(inputs.scores, inputs.shape, inputs.sparsity,
+                              inputs.prune_attention), []
+
+
+@register_allocator
+class Learned(Allocator):
+    """Keep fractions learned for one target (KL to the dense model; METHOD.md stage 5)."""
+
+    name = "learned"
+    needs_model = True
+
+    @classmethod
+    def fractions(cls, inputs):
+        model, adapter, batches = inputs.learning()
+        settings = LearnSettings(prune_attention=inputs.prune_attention, **inputs.learn)
+        return learn_fractions(model, adapter, inputs.shape, inputs.scores, batches,
+                               inputs.sparsity, settings)
+
+
+@register_allocator
+class LearnedPath(Allocator):
+    """One learned path of keep fractions over a grid of targets; every target reads it."""
+
+    name = "learned_path"
+    uses_path = True
+
+    @classmethod
+    def learn(cls, inputs: AllocationInputs, grid: tuple[float, ...]
+              ) -> tuple[pd.DataFrame, list[float]]:
+        """The path table (the path stage's artifact) and the objective history."""
+        model, adapter, batches = inputs.learning()
+        settings = PathSettings(grid=grid, prune_attention=inputs.prune_attention, **inputs.learn)
+        return learn_path(model, adapter, inputs.shape, inputs.scores, batches, settings)
+
+    @classmethod
+    def fractions(cls, inputs):
+        if inputs.path_table is None:
+            raise ConfigError("the learned_path allocator needs a path: run the path stage "
+                              "first (gprune stage path) and pass its key")
+        return path_fractions(inputs.path_table, inputs.scores, inputs.shape, inputs.sparsity,
+                              inputs.prune_attention), []

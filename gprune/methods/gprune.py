@@ -1,0 +1,50 @@
+"""GPrune-LLM: generalization-aware structured pruning (arXiv 2603.13418; METHOD.md).
+
+Units are partitioned per layer into behaviour-consistent modules (K-means over their
+per-source ranks, sensitivity and magnitude), scored inside their module by the
+activation metric averaged over sources (layer-normalized, so no source dominates),
+with a reliability gate that falls back to weight scores for modules whose activation
+signal is both unstable across sources and weak; allocation by a learned path of
+keep fractions (one learning run serves every target). Ablations are parameters:
+``gprune:k=1`` (no partition), ``gprune:gate=false``, ``gprune:allocator=uniform``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from gprune.configs.partition import PartitionConfig
+from gprune.methods.allocators import AllocatorName
+from gprune.methods.base import Method, MethodParams
+from gprune.methods.importance import CriterionName, importance, signal_of
+
+
+class GpruneParams(MethodParams):
+    k: int = Field(4, ge=1, description="modules per layer (1: no partition)")
+    metric: CriterionName = Field("wanda_sp", description="importance criterion (gprune.methods.importance)")
+    aggregate: Literal["normalized_mean", "pooled"] = Field(
+        "normalized_mean", description="over sources: mean of layer-normalized scores, or pooled")
+    gate: bool = Field(True, description="reliability gate (needs >= 2 calibration sources)")
+    q_sigma: float = Field(0.75, gt=0, lt=1, description="gate: sensitivity quantile")
+    q_m: float = Field(0.25, gt=0, lt=1, description="gate: magnitude quantile")
+    allocator: AllocatorName = Field("learned_path", description="gprune.methods.allocators name")
+    bias_compensation: bool = Field(False, description="FLAP-style bias compensation")
+
+
+class Gprune(Method):
+    name = "gprune"
+    summary = "GPrune-LLM: partitioned, reliability-gated scores, learned path allocation"
+    Params = GpruneParams
+
+    def partition_config(self) -> PartitionConfig:
+        return PartitionConfig(k=self.params.k, metric=signal_of(self.params.metric))
+
+    def score_settings(self) -> dict:
+        p = self.params
+        return {"metric": p.metric, "aggregate": p.aggregate, "gate": p.gate,
+                "q_sigma": p.q_sigma, "q_m": p.q_m}
+
+    @property
+    def needs_sources(self) -> int:
+        return 2 if self.params.gate and importance(self.params.metric).uses_activations else 1

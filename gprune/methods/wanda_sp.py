@@ -1,0 +1,22 @@
+"""Wanda-sp: structured Wanda, RMS(x_c) * mean_i |W_out[i, c]| from pooled statistics,
+the same keep fraction in every layer (An et al. 2024, arXiv 2312.11983, as a baseline)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from gprune.methods.allocators import AllocatorName
+from gprune.methods.base import Method, MethodParams
+
+
+class UniformParams(MethodParams):
+    allocator: AllocatorName = Field("uniform", description="gprune.methods.allocators name")
+    bias_compensation: bool = Field(False, description="FLAP-style bias compensation")
+
+
+class WandaSp(Method):
+    name = "wanda_sp"
+    summary = "Wanda-sp: activation RMS x weight, uniform per layer"
+    Params = UniformParams
+
+    def score_settings(self) -> dict:
+        return {"metric": "wanda_sp", "aggregate": "pooled", "gate": False}
