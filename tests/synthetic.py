@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from gprune.methods.importance import activation_criteria
 from gprune.models.adapters import ModelShape
 
 TINY_SHAPE = ModelShape(num_layers=3, hidden=64, intermediate=96, heads=4, kv_heads=2,
@@ -26,7 +27,7 @@ def units_table(per_source: dict[tuple[int, str], np.ndarray], weight: dict[tupl
         for unit in range(len(scores)):
             row = {"layer": layer, "kind": kind, "unit": unit, "weight_score": weight[(layer, kind)][unit],
                    "freq": 0.5}
-            for metric in ("wanda_sp", "flap"):
+            for metric in activation_criteria():
                 row[metric] = scores[unit].tolist()
                 row[f"{metric}_rank"] = ranks[unit].tolist()
                 row[f"{metric}_sensitivity"] = sens[unit]
