@@ -36,6 +36,7 @@ PACKAGES = ("gprune", "tasks", "artifacts")
 STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "corpus": ("tasks.corpus",),
     "capture": ("tasks.capture",),
+    "gram": ("tasks.gram",),
     "stats": ("tasks.stats",),
     "partition": ("tasks.partition",),
     "score": ("tasks.score",),

@@ -14,6 +14,20 @@ machine; the ratio of total times is printed as well). The ``statistics_path=`` 
 which statistics path the hooks took (``compiled`` CPU kernels, or ``torch``: set
 ``GPRUNE_NATIVE=0`` to measure the pure-torch path).
 
+The gram stage's pass is measured the same way (its own paired loop after the capture's:
+plain forward vs forward with ``gprune.maths.gram.GramCapture``'s hooks, float64 Gram
+updates of every layer's output-projection inputs). Just before the last line it prints
+``gram_throughput_over_flop_limit=<value>`` (target >= 0.85): the measured throughput ratio
+(median over batches of plain time / Gram-hooked time, i.e. tokens/s with the Gram hooks
+over tokens/s plain) divided by the FLOP limit, forward FLOPs / (forward FLOPs + Gram FLOPs)
+per token. Forward FLOPs: ``gprune.maths.evaluate.flops_per_token`` of the decoder body
+(2 per weight, attention at the mean causal context, no LM head); Gram FLOPs:
+``gprune.maths.gram.gram_flops_per_token``, the multiply-adds of the blocked upper-triangle
+updates as implemented (SmolLM2: 0.625 of the full (d+1)^2 for the MLP Gram, 0.75 for the
+attention one). A value of 1 means the Gram updates run as fast per FLOP as the model's
+forward; float64 matrix products run at about half the float32 rate on CPUs, so about 0.5-0.7
+is what float64 accumulation allows there.
+
     python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 3
 """
 from __future__ import annotations
@@ -102,8 +116,49 @@ def main(argv=None) -> float:
                 times[name].append(timed(lambda: fn(batch), device))
     batch_tokens = [int(b[1].sum()) for b in batches] * args.repeats
     ratio = report(times, batch_tokens, peaks, capture.workspace.nbytes())
+    gram = measure_gram(model, adapter, batches, args, device)
+    print(f"gram_throughput_over_flop_limit={gram:.3f}")
     print(f"capture_throughput_ratio={ratio:.3f}")
     return ratio
+
+
+def gram_forward(gram, input_ids, attention_mask) -> None:
+    """One batch as the gram stage runs it: Gram-hooked forward, then the NaN check."""
+    with gram:
+        gram.forward(input_ids, attention_mask)
+        gram.first_non_finite()
+
+
+def measure_gram(model, adapter, batches, args, device: str) -> float:
+    """Paired plain / Gram-hooked passes; print the figures; return the measured throughput
+    ratio over its FLOP limit."""
+    from gprune.maths.evaluate import flops_per_token
+    from gprune.maths.gram import GramCapture, gram_bytes, gram_dims, gram_flops_per_token
+
+    gram = GramCapture(model, adapter)
+    plain = lambda b: plain_forward(model, *b)      # noqa: E731
+    hooked = lambda b: gram_forward(gram, *b)       # noqa: E731
+    timed(lambda: hooked(batches[0]), device)       # warm-up: buffers, BLAS threads
+    pairs = []
+    for repeat in range(args.repeats):
+        for index, batch in enumerate(batches):
+            order = (plain, hooked) if (repeat + index) % 2 == 0 else (hooked, plain)
+            spent = {fn: timed(lambda: fn(batch), device) for fn in order}
+            pairs.append((spent[plain], spent[hooked]))
+    tokens = [int(b[1].sum()) for b in batches] * args.repeats
+    dims = gram_dims(model, adapter)
+    forward = flops_per_token(model, adapter, (args.seq_len + 1) / 2, lm_head_share=0.0)
+    extra = gram_flops_per_token(dims, gram.leaf)
+    limit = forward / (forward + extra)
+    measured = statistics.median(p / h for p, h in pairs)
+    rates = {name: statistics.median(n / pair[i] for n, pair in zip(tokens, pairs))
+             for i, name in enumerate(("plain", "gram"))}
+    print(f"gram_leaf={gram.leaf} gram_memory={gram_bytes(dims, 8) / 2**20:.0f}MiB(float64) "
+          f"gram_plain_tokens_per_s={rates['plain']:.1f} gram_tokens_per_s={rates['gram']:.1f}")
+    print(f"forward_gflops_per_token={forward / 1e9:.4f} gram_gflops_per_token={extra / 1e9:.4f} "
+          f"gram_flop_limit={limit:.3f} gram_throughput_ratio={measured:.3f} (median of "
+          f"{', '.join(f'{p / h:.3f}' for p, h in pairs)})")
+    return measured / limit
 
 
 def report(times: dict[str, list[float]], batch_tokens: list[int], peaks: tuple[str, str],

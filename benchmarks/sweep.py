@@ -107,6 +107,8 @@ def main(argv=None) -> int:
         for name, root in roots.items():
             parts = " ".join(f"{k}={v:.1f}" for k, v in sorted(stage_seconds(root).items()))
             print(f"{name}_stage_seconds: {parts}")
+        per_target = stage_seconds(roots["sweep5"]).get("surgery", 0.0) / len(args.targets)
+        print(f"surgery_with_refit_seconds_per_target={per_target:.1f}")
         if args.keep:
             keep = Path(tempfile.mkdtemp(prefix="gprune-sweep-kept-"))
             for root in roots.values():

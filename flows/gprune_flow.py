@@ -1,6 +1,7 @@
 """The ``gprune`` Prefect flow: every stage, chained as tasks that exchange artifact keys.
 
     corpus (mapped) -> capture (mapped over sources) -> stats -> partition -> score
+      (+ gram, mapped over sources, when a method needs Gram statistics)
       -> for each method: path (learned once)
       -> for each method and target sparsity: allocate -> surgery
       -> perplexity, choice, speed (the dense model, then each checkpoint, one at a time)
@@ -28,9 +29,11 @@ from artifacts.store import ArtifactStore
 from flows import stages
 from flows.cache import source_stamp
 from flows.runners import make_task_runner
+from gprune.configs.gram import GramConfig
 from gprune.configs.pipeline import PipelineConfig, preflight
 from gprune.configs.report import ReportConfig
 from gprune.configs.stats import StatsConfig
+from gprune.methods.allocators import allocator
 from gprune.methods.registry import Method
 
 
@@ -50,12 +53,15 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
         [config.capture_config(s) for s in config.sources], unmapped(root),
         unmapped(config.model), unmapped(ref.fingerprint), [corpora[s] for s in config.sources],
         force=unmapped(config.forced("capture")))
+    gram_keys = _grams(config, root, ref.fingerprint, corpora)   # source -> future, or {}
     stats_key = stages.stats.submit(StatsConfig(), root, capture_keys,
                                     force=config.forced("stats"))
-    plans, checkpoints = _targets(config, root, stats_key)
+    plans, checkpoints = _targets(config, root, stats_key, list(gram_keys.values()))
     result = {"store": root, "stats": stats_key.result(),
               "plans": {name: f.result() for name, f in plans.items()},
               "checkpoints": {name: f.result() for name, f in checkpoints.items()}}
+    if gram_keys:
+        result["gram_keys"] = {source: f.result() for source, f in gram_keys.items()}
     if config.evaluate:
         result.update(_evaluate_and_report(config, root, ref.fingerprint, corpora, checkpoints))
         logger.info("gprune: report at %s", result["report_dir"])
@@ -74,9 +80,22 @@ def _corpora(config: PipelineConfig, root: str) -> dict:
     return dict(zip(names, futures))
 
 
-def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
+def _grams(config: PipelineConfig, root: str, fingerprint: str, corpora: dict) -> dict:
+    """One gram task per calibration source (the capture's tokens) when any method needs
+    Gram statistics (``"gram" in method.needs``): source -> future; {} otherwise."""
+    if not any("gram" in method.needs for method in config.method_objects()):
+        return {}
+    futures = stages.gram.map(
+        [GramConfig.from_capture(config.capture_config(s)) for s in config.sources],
+        unmapped(root), unmapped(config.model), unmapped(fingerprint),
+        [corpora[s] for s in config.sources], force=unmapped(config.forced("gram")))
+    return dict(zip(config.sources, futures))
+
+
+def _targets(config: PipelineConfig, root: str, stats_key, grams: list) -> tuple[dict, dict]:
     """Partition and score once per distinct config, learn a path once per method that
-    uses one, then allocate + surgery per target.
+    uses one, then allocate + surgery per target (``grams``: the gram futures, for the
+    paths and refits that need them).
 
     Submitted stage by stage (every allocate before any surgery): a task waiting on its
     upstream holds a runner slot, so this order keeps the slots on runnable work."""
@@ -84,28 +103,32 @@ def _targets(config: PipelineConfig, root: str, stats_key) -> tuple[dict, dict]:
     plans, methods = {}, {}
     for method in config.method_objects():
         score_key = _score(config, root, stats_key, method, scored)
-        path_key = _path(config, root, stats_key, score_key, method)
+        path_key = _path(config, root, stats_key, score_key, method, grams)
         for sparsity in config.sparsities:
             name = f"{method.label}@{sparsity:g}"
             methods[name] = method
             plans[name] = stages.allocate.submit(
                 config.allocate_config(method, sparsity), root, score_key, stats_key,
-                method.label, method.bias_compensation,
+                method.label, method.reconstruct,
                 force=config.forced("allocate"), path_key=path_key)
-    checkpoints = {name: stages.surgery.submit(config.surgery_config(methods[name]), root, plan,
-                                               stats_key, force=config.forced("surgery"))
-                   for name, plan in plans.items()}
+    checkpoints = {name: stages.surgery.submit(
+        config.surgery_config(methods[name]), root, plan, stats_key,
+        force=config.forced("surgery"),
+        gram_keys=grams if methods[name].reconstruct == "lsq" else None)
+        for name, plan in plans.items()}
     return plans, checkpoints
 
 
-def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Method):
-    """The learned path of a method whose allocator has one (None otherwise)."""
+def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Method, grams: list):
+    """The path of a method whose allocator has one (None otherwise)."""
     if not method.serves_all_targets:
         return None
     # the path does not depend on the target: a fixed placeholder keeps the task's Prefect
     # cache key independent of the run's sparsities
+    needs_gram = allocator(method.allocator).needs_gram
     return stages.path.submit(config.allocate_config(method, 0.5), root, score_key, stats_key,
-                              method.label, force=config.forced("path"))
+                              method.label, force=config.forced("path"),
+                              gram_keys=grams if needs_gram else None)
 
 
 def _score(config: PipelineConfig, root: str, stats_key, method: Method, scored: dict) -> Any:

@@ -18,6 +18,7 @@ from gprune.configs.allocate import AllocateConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
+from gprune.configs.gram import GramConfig
 from gprune.configs.partition import PartitionConfig
 from gprune.configs.perplexity import PerplexityConfig
 from gprune.configs.report import ReportConfig
@@ -46,6 +47,16 @@ def capture(config: CaptureConfig, store_root: str, model: str, model_fingerprin
 
     return run_cached("capture", store_root,
                       lambda s: run_capture(config, s, model, corpus_key, force=force))
+
+
+@task(name="gram", task_run_name="gram-{config.source}", **STAGE_TASK)
+def gram(config: GramConfig, store_root: str, model: str, model_fingerprint: str,
+         corpus_key: str, force: bool = False) -> str:
+    """Gram matrices of one source (the capture's tokens); as ``capture``."""
+    from tasks.gram import run_gram
+
+    return run_cached("gram", store_root,
+                      lambda s: run_gram(config, s, model, corpus_key, force=force))
 
 
 @task(name="stats", **STAGE_TASK)
@@ -77,32 +88,35 @@ def score(config: ScoreConfig, store_root: str, stats_key: str, partition_key: s
 
 @task(name="path", task_run_name="path-{method}", **STAGE_TASK)
 def path(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
-         method: str, force: bool = False) -> str:
+         method: str, force: bool = False, gram_keys: Optional[list[str]] = None) -> str:
     """The learned path every target of ``method`` reads (``config.sparsity`` unused)."""
     from tasks.path import run_path
 
     return run_cached("path", store_root,
-                      lambda s: run_path(config, s, score_key, stats_key, force=force))
+                      lambda s: run_path(config, s, score_key, stats_key, force=force,
+                                         gram_keys=list(gram_keys) if gram_keys else None))
 
 
 @task(name="allocate", task_run_name="allocate-{method}-{config.sparsity}", **STAGE_TASK)
 def allocate(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
-             method: str, bias_compensation: bool, force: bool = False,
+             method: str, reconstruct: str, force: bool = False,
              path_key: Optional[str] = None) -> str:
     from tasks.allocate import run_allocate
 
     return run_cached("allocate", store_root, lambda s: run_allocate(
-        config, s, score_key, stats_key, method=method, bias_compensation=bias_compensation,
+        config, s, score_key, stats_key, method=method, reconstruct=reconstruct,
         force=force, path_key=path_key))
 
 
 @task(name="surgery", **STAGE_TASK)
 def surgery(config: SurgeryConfig, store_root: str, plan_key: str, stats_key: str,
-            force: bool = False) -> str:
+            force: bool = False, gram_keys: Optional[list[str]] = None) -> str:
+    """``gram_keys``: the calibration sources' gram artifacts (reconstruct=lsq)."""
     from tasks.surgery import run_surgery
 
-    return run_cached("surgery", store_root,
-                      lambda s: run_surgery(config, s, plan_key, stats_key, force=force))
+    return run_cached("surgery", store_root, lambda s: run_surgery(
+        config, s, plan_key, stats_key, force=force,
+        gram_keys=list(gram_keys) if gram_keys else None))
 
 
 # evaluation tasks: ``model`` is a surgery key or the dense model spec (then

@@ -17,6 +17,8 @@ from gprune.errors import GpruneError
 STAGE_HELP = {
     "corpus": "materialize a text source with calibration/held-out splits",
     "capture": "stage 1: activation statistics of one source",
+    "gram": "stage 1b: Gram matrices of the output-projection inputs of one source "
+            "(capture's tokens; for lsq reconstruction)",
     "stats": "stage 2: per-unit metrics, ranks and sensitivity over captures",
     "partition": "stage 3: module partition of each layer",
     "score": "stage 4: unit scores by a method (gprune: reliability-gated, module-local)",

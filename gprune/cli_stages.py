@@ -30,6 +30,12 @@ def _capture(p):
     p.add_argument("--device", default="auto")
 
 
+def _gram(p):
+    _capture(p)   # the capture's options: equal values select exactly the capture's tokens
+    p.add_argument("--storage-dtype", choices=["float32", "float64"], default="float32",
+                   help="dtype of the stored Grams (accumulation is always float64)")
+
+
 def _stats(p):
     p.add_argument("--capture", nargs="+", required=True, help="capture keys, one per source")
 
@@ -63,7 +69,9 @@ def _learning(p):
 
 def _path(p):
     _learning(p)
-    _method(p, "; its allocator must use a path (e.g. learned_path)")
+    p.add_argument("--gram", nargs="+", help="gram keys, one per calibration source "
+                                             "(allocators that need Grams, e.g. refit_error)")
+    _method(p, "; its allocator must use a path (learned_path, refit_error)")
 
 
 def _allocate(p):
@@ -75,8 +83,12 @@ def _allocate(p):
 
 def _surgery(p):
     p.add_argument("--plan", required=True)
-    p.add_argument("--stats", help="stats key (needed for bias compensation)")
-    p.add_argument("--bias-compensation", action="store_true")
+    p.add_argument("--stats", help="stats key (reconstruct=bias)")
+    p.add_argument("--gram", nargs="+", help="gram keys, one per calibration source "
+                                             "(reconstruct=lsq; see `gprune stage gram`)")
+    p.add_argument("--reconstruct", choices=["none", "bias", "lsq"],
+                   help="default: the plan's (its method's) reconstruction")
+    p.add_argument("--ridge", type=float, default=1e-2, help="lsq damping")
     p.add_argument("--device", default="auto")
 
 
@@ -122,7 +134,8 @@ def _report(p):
                    help="perplexity, choice and speed keys (any mix; one per stage and model)")
 
 
-ADDERS = {"corpus": _corpus, "capture": _capture, "stats": _stats, "partition": _partition,
+ADDERS = {"corpus": _corpus, "capture": _capture, "gram": _gram, "stats": _stats,
+          "partition": _partition,
           "score": _score, "path": _path, "allocate": _allocate, "surgery": _surgery,
           "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report}
 
@@ -142,17 +155,32 @@ def _run_corpus(args, store):
     return run_corpus(CorpusConfig.build(source=args.source, seed=args.seed), store, force=args.force)
 
 
-def _run_capture(args, store):
+def _capture_inputs(args, store):
+    """(CaptureConfig, corpus key) from the capture options (capture and gram)."""
     from gprune.configs.capture import CaptureConfig
     from gprune.configs.corpus import CorpusConfig
-    from tasks.capture import run_capture
     from tasks.corpus import run_corpus
 
     config = CaptureConfig.build(source=args.source, n_sequences=args.n_sequences,
                                  seq_len=args.seq_len, batch_size=args.batch_size,
                                  seed=args.seed, device=args.device)
-    corpus_key = run_corpus(CorpusConfig.build(source=args.source, seed=args.seed), store)
+    return config, run_corpus(CorpusConfig.build(source=args.source, seed=args.seed), store)
+
+
+def _run_capture(args, store):
+    from tasks.capture import run_capture
+
+    config, corpus_key = _capture_inputs(args, store)
     return run_capture(config, store, args.model, corpus_key, force=args.force)
+
+
+def _run_gram(args, store):
+    from gprune.configs.gram import GramConfig
+    from tasks.gram import run_gram
+
+    capture, corpus_key = _capture_inputs(args, store)
+    config = GramConfig.from_capture(capture, storage_dtype=args.storage_dtype)
+    return run_gram(config, store, args.model, corpus_key, force=args.force)
 
 
 def _run_stats(args, store):
@@ -185,7 +213,7 @@ def _allocate_config(args, sparsity: float):
     method = build_method(args.method)
     config = AllocateConfig.build(sparsity=sparsity, allocator=method.allocator,
                                   prune_attention=not args.no_attention, steps=args.steps,
-                                  device=args.device)
+                                  ridge=method.ridge, device=args.device)
     return method, config
 
 
@@ -193,7 +221,8 @@ def _run_path(args, store):
     from tasks.path import run_path
 
     _, config = _allocate_config(args, 0.5)  # the path serves every target
-    return run_path(config, store, args.score, args.stats, force=args.force)
+    return run_path(config, store, args.score, args.stats, force=args.force,
+                    gram_keys=args.gram)
 
 
 def _run_allocate(args, store):
@@ -201,7 +230,7 @@ def _run_allocate(args, store):
 
     method, config = _allocate_config(args, args.sparsity)
     return run_allocate(config, store, args.score, args.stats, method=method.label,
-                        bias_compensation=method.bias_compensation, force=args.force,
+                        reconstruct=method.reconstruct, force=args.force,
                         path_key=args.path)
 
 
@@ -209,8 +238,10 @@ def _run_surgery(args, store):
     from gprune.configs.surgery import SurgeryConfig
     from tasks.surgery import run_surgery
 
-    config = SurgeryConfig.build(bias_compensation=args.bias_compensation, device=args.device)
-    return run_surgery(config, store, args.plan, args.stats, force=args.force)
+    config = SurgeryConfig.build(reconstruct=args.reconstruct, ridge=args.ridge,
+                                 device=args.device)
+    return run_surgery(config, store, args.plan, args.stats, force=args.force,
+                       gram_keys=args.gram)
 
 
 def _run_perplexity(args, store):
@@ -253,7 +284,8 @@ def _run_report(args, store):
     return run_report(ReportConfig(), store, args.evals, force=args.force)
 
 
-RUNNERS = {"corpus": _run_corpus, "capture": _run_capture, "stats": _run_stats,
+RUNNERS = {"corpus": _run_corpus, "capture": _run_capture, "gram": _run_gram,
+           "stats": _run_stats,
            "partition": _run_partition, "score": _run_score, "path": _run_path,
            "allocate": _run_allocate,
            "surgery": _run_surgery, "perplexity": _run_perplexity, "choice": _run_choice,

@@ -33,7 +33,7 @@ def stats_shape(stats: Artifact) -> ModelShape:
 
 
 def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
-                 method: str = "gprune", bias_compensation: bool = False,
+                 method: str = "gprune", reconstruct: str = "none",
                  force: bool = False, path_key: str | None = None) -> str:
     """The plan of one target; ``path_key``: the path stage's artifact (allocators that
     use a path need it, the others refuse one)."""
@@ -43,7 +43,7 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
     check_target(shape, config.sparsity, config.mlp_floor, config.prune_attention)
     chosen = allocator(config.allocator)
     _check_path(chosen, path_key)
-    params = {**config.key_params(), "method": method, "bias_compensation": bias_compensation}
+    params = {**config.key_params(), "method": method, "reconstruct": reconstruct}
     inputs = {"score": score_key, "stats": stats_key, **({"path": path_key} if path_key else {})}
     spec = stage_spec(stats.manifest["model"], inputs, params)
 
@@ -55,7 +55,7 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
             path_table=_path_table(store, path_key, config),
             learning=lambda: learning_inputs(config, store, stats)))
         alloc = project(fractions, shape, config.sparsity, config.mlp_floor, config.prune_attention)
-        plan = _plan(config, stats, scores, alloc, shape, method, bias_compensation, score_key)
+        plan = _plan(config, stats, scores, alloc, shape, method, reconstruct, score_key)
         _check_budget(plan)
         plan.write(out.path)
         _module_table(fractions, alloc, shape).to_parquet(out.file("modules.parquet"), index=False)
@@ -86,13 +86,13 @@ def _path_table(store: ArtifactStore, path_key: str | None, config: AllocateConf
     return pd.read_parquet(path.file("path.parquet"))
 
 
-def _plan(config, stats, scores, alloc, shape, method, bias_compensation, score_key):
+def _plan(config, stats, scores, alloc, shape, method, reconstruct, score_key):
     layers = tuple(LayerPlan(l["layer"], tuple(l["mlp_keep"]), tuple(l["heads_keep"]),
                              tuple(l["kv_keep"])) for l in harden(scores, alloc, shape))
     return PruningPlan(
         model_fingerprint=stats.manifest["model"], family=stats.extra["family"],
         method=method, target_sparsity=config.sparsity, dense=shape, layers=layers,
-        bias_compensation=bias_compensation,
+        reconstruct=reconstruct,
         extra={"allocator": config.allocator, "calibration_sources": stats.extra["sources"],
                "stats_key": stats.key, "score_key": score_key})
 

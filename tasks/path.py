@@ -1,9 +1,10 @@
-"""Stage ``path``: scores -> the learned path of keep fractions that every target reads.
+"""Stage ``path``: scores -> the target-independent artifact of a path allocator.
 
-One learning run (``gprune.methods.allocators.LearnedPath``, METHOD.md stage 5) over
-a grid of target sparsities; the allocate stage reads the path at any target, so a
-sweep of targets costs one learning run. Output: ``path.parquet`` (per module: kind,
-layer, module, the path's parameters a and b); extra: grid, objective per step.
+For ``learned_path`` (``gprune.methods.allocators.LearnedPath``, METHOD.md stage 5) one
+learning run over a grid of target sparsities (``path.parquet``: per module kind, layer,
+module, the path's parameters a and b); for ``refit_error`` every layer's ladder of
+refit errors (``path.parquet``: layer, kind, option, params, error, keep, weight). The
+allocate stage reads the path at any target, so a sweep of targets costs one run.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ log = logging.getLogger("gprune")
 
 
 def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
-             force: bool = False) -> str:
-    """The learned path of these scores (``config.sparsity`` is not used)."""
+             force: bool = False, gram_keys: list[str] | None = None) -> str:
+    """The path of these scores (``config.sparsity`` is not used); ``gram_keys``: the
+    calibration sources' gram artifacts, for allocators that need Grams."""
     chosen = allocator(config.allocator)
     if not chosen.uses_path:
         raise ConfigError(f"allocator {chosen.name} learns no path; "
@@ -33,20 +35,37 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
     stats = store.read(stats_key, stage="stats")
     score = store.read(score_key, stage="score")
     shape = stats_shape(stats)
-    spec = stage_spec(stats.manifest["model"], {"score": score_key, "stats": stats_key},
-                      config.path_params())
+    inputs = {"score": score_key, "stats": stats_key}
+    if chosen.needs_gram:
+        if not gram_keys:
+            raise ConfigError(f"allocator {chosen.name} needs Gram statistics: run `gprune "
+                              "stage gram` for each calibration source first (--gram)")
+        inputs["grams"] = sorted(gram_keys)
+    spec = stage_spec(stats.manifest["model"], inputs, config.path_params())
 
     def build(out):
         scores = pd.read_parquet(score.file("scores.parquet"))
         started = time.time()
-        inputs = AllocationInputs(scores, shape, config.sparsity, config.prune_attention,
-                                  config.learn_settings(),
-                                  learning=lambda: learning_inputs(config, store, stats))
-        table, history = chosen.learn(inputs, config.path_grid)
+        allocation = AllocationInputs(scores, shape, config.sparsity, config.prune_attention,
+                                      config.learn_settings(),
+                                      learning=lambda: learning_inputs(config, store, stats),
+                                      grams=gram_reader(store, inputs.get("grams")),
+                                      ridge=config.ridge)
+        table, history = chosen.learn(allocation, config.path_grid)
         table.to_parquet(out.file("path.parquet"), index=False)
         seconds = round(time.time() - started, 2)
-        log.info("path: learned over targets %s in %.1fs", list(config.path_grid), seconds)
+        log.info("path: %s over targets %s in %.1fs", chosen.name, list(config.path_grid),
+                 seconds)
         out.extra.update({"path_seconds": seconds, "objective": history,
                           "grid": list(config.path_grid)})
 
     return run_stage(store, "path", spec, build, force)
+
+
+def gram_reader(store: ArtifactStore, gram_keys: list[str] | None):
+    """(layer, kind) -> the pooled normalized Gram of these gram artifacts (None: none)."""
+    if not gram_keys:
+        return None
+    from tasks.gram import pooled_gram
+
+    return lambda layer, kind: pooled_gram(store, gram_keys, layer, kind)

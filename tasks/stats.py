@@ -15,6 +15,13 @@ manifest):
     m_sensitivity float64  population std over sources of m_rank (NaN with one source)
     m_magnitude float64    mean over sources of score / mean score of the (layer, kind)
     m_pooled float64       the metric from the statistics pooled over all sources
+    m_pooled_z float64     FLAP's standardized score from the pooled channel scores
+                           (``gprune.maths.stats``): MLP channel (s - mean) / std over the
+                           layer's channels (ddof=1); head: the layer's channel scores
+                           squared, standardized over its H * head_dim channels (ddof=1),
+                           averaged over the head's channels
+    m_magnitude_z float64  the same from the channels' magnitudes (mean over sources of
+                           channel score / the layer's mean channel score)
 ``channels.parquet``: layer int32, kind string, channel int32, count int64, mean float64,
     var float64 (pooled over sources; population variance)
 ``layers.parquet``: layer int32, cosine float64 (pooled mean per-token cosine between the
@@ -52,7 +59,8 @@ def units_schema(metrics: tuple[str, ...]) -> pa.Schema:
               ("weight_score", pa.float64()), ("freq", pa.float64())]
     for m in metrics:
         fields += [(m, LIST), (f"{m}_rank", LIST), (f"{m}_sensitivity", pa.float64()),
-                   (f"{m}_magnitude", pa.float64()), (f"{m}_pooled", pa.float64())]
+                   (f"{m}_magnitude", pa.float64()), (f"{m}_pooled", pa.float64()),
+                   (f"{m}_pooled_z", pa.float64()), (f"{m}_magnitude_z", pa.float64())]
     return pa.schema(fields)
 
 

@@ -1,7 +1,10 @@
 """Stage 6, surgery: slice the dense model to a plan and save a pruned HF checkpoint.
 
-Inputs: a plan artifact (``plan.json``; its manifest names the model path) and, with
-bias compensation, a stats artifact (``channels.parquet`` pooled channel means).
+Inputs: a plan artifact (``plan.json``; its manifest names the model path) and what the
+reconstruction needs: for ``bias`` a stats artifact (``channels.parquet`` pooled channel
+means), for ``lsq`` the gram artifacts of the calibration sources (averaged, each source
+normalized by its token count, so no source dominates). The manifest records, for lsq,
+the residual error and the kept Gram's condition number of every refit projection.
 Output: ``model/``, an HF folder loadable with ``AutoModelForCausalLM.from_pretrained(
 path, trust_remote_code=True)`` and with ``gprune.models.loader.load_model``.
 """
@@ -15,7 +18,7 @@ from artifacts.store import ArtifactStore, PendingArtifact
 from gprune.configs.surgery import SurgeryConfig
 from gprune.errors import ArtifactError, ConfigError
 from gprune.maths.plan import PLAN_FILE, PruningPlan
-from gprune.maths.surgery import apply_plan, channel_means
+from gprune.maths.surgery import apply_plan, bias_fits, channel_means, lsq_fits
 from gprune.models.adapters import adapter_for
 from gprune.models.loader import ModelRef, load_model, resolve_device, resolve_model
 from gprune.models.pruned import finalize, param_count, save_pruned
@@ -59,42 +62,76 @@ def read_means(store: ArtifactStore, stats_key: str, plan: PruningPlan) -> dict:
 
 def run_surgery(config: SurgeryConfig, store: ArtifactStore, plan_key: str,
                 stats_key: str | None = None, force: bool = False,
-                model: str | None = None) -> str:
-    """Slice the model (default: the plan's own) to the plan and store the pruned
-    checkpoint; return the artifact key. A plan made for another model is refused."""
+                model: str | None = None, gram_keys: list[str] | None = None) -> str:
+    """Slice the model (default: the plan's own) to the plan, reconstruct the output
+    projections, store the pruned checkpoint; return the artifact key. A plan made for
+    another model is refused."""
     plan, ref = read_plan(store, plan_key, model)
-    compensate = config.bias_compensation or plan.bias_compensation
-    if compensate and not stats_key:
-        raise ConfigError("bias compensation needs channel means: pass a stats artifact key")
-    stats_key = stats_key if compensate else None
-    params = {**config.params(), "bias_compensation": compensate}
-    spec = stage_spec(ref.fingerprint, {"plan": plan_key, "stats": stats_key}, params)
+    mode = config.reconstruct or plan.reconstruct
+    inputs = {"plan": plan_key, **_reconstruction_inputs(mode, stats_key, gram_keys)}
+    params = {**config.params(), "reconstruct": mode}
+    if mode != "lsq":
+        params.pop("ridge")
+    spec = stage_spec(ref.fingerprint, inputs, params)
 
     def build(pending: PendingArtifact) -> None:
-        _build(pending, config, store, plan, ref, plan_key, stats_key)
+        _build(pending, config, store, plan, ref, plan_key, mode, inputs)
 
     return run_stage(store, STAGE, spec, build, force=force)
 
 
+def _reconstruction_inputs(mode: str, stats_key: str | None,
+                           gram_keys: list[str] | None) -> dict:
+    if mode == "bias":
+        if not stats_key:
+            raise ConfigError("reconstruct=bias needs channel means: pass a stats artifact key "
+                              "(--stats)")
+        return {"stats": stats_key}
+    if mode == "lsq":
+        if not gram_keys:
+            raise ConfigError("reconstruct=lsq needs Gram statistics: run `gprune stage gram` "
+                              "for each calibration source first and pass their keys (--gram)")
+        return {"grams": sorted(gram_keys)}
+    return {}
+
+
+def _fits(store: ArtifactStore, plan: PruningPlan, mode: str, inputs: dict,
+          ridge: float, report: list[dict]):
+    if mode == "bias":
+        return bias_fits(read_means(store, inputs["stats"], plan))
+    if mode == "lsq":
+        from tasks.gram import pooled_gram
+
+        grams = lambda layer, kind: pooled_gram(store, inputs["grams"], layer, kind)  # noqa: E731
+        return lsq_fits(grams, ridge, report)
+    return None
+
+
 def _build(pending: PendingArtifact, config: SurgeryConfig, store: ArtifactStore,
-           plan: PruningPlan, ref: ModelRef, plan_key: str, stats_key: str | None) -> None:
-    means = read_means(store, stats_key, plan) if stats_key else None
+           plan: PruningPlan, ref: ModelRef, plan_key: str, mode: str, inputs: dict) -> None:
+    report: list[dict] = []
+    fits = _fits(store, plan, mode, inputs, config.ridge, report)
     device = resolve_device(config.device)
     model, tokenizer, adapter = load_model(ref, device=device, dtype=config.torch_dtype)
     dense_params = param_count(model)
-    sizes = apply_plan(model, adapter, plan, means)
+    sizes = apply_plan(model, adapter, plan, fits)
     finalize(model, adapter, sizes)
     manifest = {
         "source_model": str(ref.path), "source_spec": ref.spec,
         "source_fingerprint": ref.fingerprint, "family": adapter.name,
         "method": plan.method, "target_sparsity": plan.target_sparsity,
         "achieved_sparsity": plan.achieved_sparsity, "plan_key": plan_key,
-        "stats_key": stats_key, "bias_compensation": stats_key is not None,
+        "reconstruct": mode, "reconstruction_inputs": inputs,
         "dense_params": dense_params, "pruned_params": param_count(model),
         "prunable_params": plan.prunable_params,
         "kept_prunable_params": plan.kept_prunable_params, "dtype": config.dtype,
     }
     save_pruned(model, tokenizer, pending.file(MODEL_DIR), manifest)
     pending.extra.update(manifest)
-    log.info("surgery: %s -> %d params (%.1f%% prunable removed)", ref.spec,
-             manifest["pruned_params"], 100 * plan.achieved_sparsity)
+    if report:
+        pending.extra["refit"] = report
+        worst = max(report, key=lambda r: r["condition"])
+        log.info("surgery: lsq refit of %d projections; largest condition number %.3g "
+                 "(layer %d %s)", len(report), worst["condition"], worst["layer"], worst["kind"])
+    log.info("surgery: %s -> %d params (%.1f%% prunable removed, reconstruct=%s)", ref.spec,
+             manifest["pruned_params"], 100 * plan.achieved_sparsity, mode)

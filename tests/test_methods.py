@@ -27,7 +27,7 @@ def test_plans_equal_the_plans_recorded_before_the_plugin_change(chain, spec):  
         got = [{"mlp_keep": list(l.mlp_keep), "heads_keep": list(l.heads_keep),
                 "kv_keep": list(l.kv_keep)} for l in plan.layers]
         assert got == want["layers"], (spec, sparsity)
-        assert plan.bias_compensation == want["bias_compensation"]
+        assert (plan.reconstruct == "bias") == want["bias_compensation"]
 
 
 def test_registry_lists_every_builtin_method_criterion_and_allocator():
@@ -57,8 +57,8 @@ def test_specs_round_trip_through_labels():
     assert method.label == "gprune:k=1,gate=false,q_m=0.3"
     assert build_method(method.label).spec() == method.spec() == {
         "name": "gprune", "k": 1, "gate": False, "q_m": 0.3}
-    assert parse_spec({"name": "flap", "bias_compensation": False}) == {
-        "name": "flap", "bias_compensation": False}
+    assert parse_spec({"name": "flap", "reconstruct": "none"}) == {
+        "name": "flap", "reconstruct": "none"}
     assert build_method("gprune:k=4").label == "gprune"  # defaults are not part of a label
 
 

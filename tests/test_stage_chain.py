@@ -55,7 +55,7 @@ def plan_for(store, stats, method: Method, sparsity: float) -> str:
                             n_sequences=2, seq_len=32)
     path = run_path(config, store, score, stats) if method.serves_all_targets else None
     return run_allocate(config, store, score, stats, method=method.label,
-                        bias_compensation=method.bias_compensation, path_key=path)
+                        reconstruct=method.reconstruct, path_key=path)
 
 
 @pytest.mark.parametrize("method", ["gprune", "flap", "wanda_sp", "magnitude_sp"])

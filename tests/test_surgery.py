@@ -13,7 +13,7 @@ import torch
 from gprune.configs.surgery import SurgeryConfig
 from gprune.errors import ArtifactError, ConfigError
 from gprune.maths.plan import LayerPlan, PruningPlan, achieved_sparsity, prunable_params
-from gprune.maths.surgery import apply_plan, head_channels, removed_channels
+from gprune.maths.surgery import apply_plan, bias_fits, head_channels, removed_channels
 from gprune.models.adapters import ModelShape, adapter_for
 from gprune.models.loader import load_model, resolve_model
 from gprune.models.pruned import (MANIFEST_FILE, finalize, load_pruned, param_count,
@@ -128,7 +128,8 @@ def pruned_in_memory(family: str, means: dict | None = None,
     plan = random_plan(adapter.shape(dense.config), "fp", family, seed=len(family),
                        last_without_attention=last_without_attention)
     pruned = copy.deepcopy(dense)
-    finalize(pruned, adapter, apply_plan(pruned, adapter, plan, means))
+    finalize(pruned, adapter, apply_plan(pruned, adapter, plan,
+                                         bias_fits(means) if means else None))
     return dense, pruned, plan
 
 
@@ -304,7 +305,7 @@ def test_surgery_stage_saves_checkpoint_that_reloads_both_ways(family, store, tm
     means = random_means(shape)
     plan_key = write_plan_artifact(store, plan, ref.path)
     stats_key = write_stats_artifact(store, ref.fingerprint, means)
-    config = SurgeryConfig(bias_compensation=True, device="cpu")
+    config = SurgeryConfig(reconstruct="bias", device="cpu")
 
     key = run_surgery(config, store, plan_key, stats_key)
     assert run_surgery(config, store, plan_key, stats_key) == key      # reused
@@ -348,7 +349,7 @@ def test_plan_from_another_model_refused(store, tmp_path):
     with pytest.raises(ConfigError, match=f"{ref.fingerprint}.*{other.fingerprint}"):
         run_surgery(SurgeryConfig(device="cpu"), store, plan_key, model=str(other.path))
     with pytest.raises(ConfigError, match="stats"):
-        run_surgery(SurgeryConfig(bias_compensation=True, device="cpu"), store, plan_key)
+        run_surgery(SurgeryConfig(reconstruct="bias", device="cpu"), store, plan_key)
     assert not list((store.root).glob("surgery/*"))
 
 

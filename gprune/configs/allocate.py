@@ -31,6 +31,7 @@ class AllocateConfig(StageConfig):
     batch_size: int = Field(2, ge=1)
     path_grid: tuple[float, ...] = Field(DEFAULT_GRID, min_length=1,
                                          description="targets the learned path trains on")
+    ridge: float = Field(1e-2, gt=0, le=10, description="refit damping (refit_error allocator)")
     seed: int = 0
     device: str = "auto"
 
@@ -66,6 +67,10 @@ class AllocateConfig(StageConfig):
             params.pop(name)
         if self.allocator == "learned":
             params["steps"] = self.learn_steps
+        from gprune.methods.allocators import allocator
+
+        if not allocator(self.allocator).needs_gram:
+            params.pop("ridge")
         return params
 
     def learn_settings(self) -> dict:
@@ -78,4 +83,10 @@ class AllocateConfig(StageConfig):
         params = {name: getattr(self, name) for name in LEARN_FIELDS}
         params.update(steps=self.learn_steps, path_grid=list(self.path_grid),
                       prune_attention=self.prune_attention, seed=self.seed)
+        if self.allocator != "learned_path":   # (learned_path keys stay as they were)
+            from gprune.methods.allocators import allocator
+
+            params["allocator"] = self.allocator
+            if allocator(self.allocator).needs_gram:
+                params.update(ridge=self.ridge, mlp_floor=self.mlp_floor)
         return params

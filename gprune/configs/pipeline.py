@@ -22,8 +22,8 @@ from gprune.configs.surgery import SurgeryConfig
 from gprune.errors import ConfigError
 from gprune.methods.registry import Method, MethodSpec, build_method
 
-STAGES = ("corpus", "capture", "stats", "partition", "score", "path", "allocate", "surgery",
-          "perplexity", "choice", "speed", "report")
+STAGES = ("corpus", "capture", "gram", "stats", "partition", "score", "path", "allocate",
+          "surgery", "perplexity", "choice", "speed", "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
 _PPL, _CHOICE = PerplexityConfig.model_fields, ChoiceConfig.model_fields
@@ -42,7 +42,7 @@ class PipelineConfig(StageConfig):
     methods: list[MethodSpec] = Field(
         default_factory=lambda: ["gprune"], min_length=1,
         description="pruning methods: name or name:key=value,... (e.g. gprune:k=1,gate=false)")
-    capture_sequences: int = Field(32, ge=1, description="calibration sequences per source")
+    capture_sequences: int = Field(16, ge=1, description="calibration sequences per source")
     capture_seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
     capture_batch_size: int = Field(4, ge=1, description="sequences per capture forward pass")
     allocator_steps: Optional[int] = Field(
@@ -107,12 +107,12 @@ class PipelineConfig(StageConfig):
                              seed=self.seed, device=self.device)
 
     def allocate_config(self, method: Method, sparsity: float) -> AllocateConfig:
-        return AllocateConfig(sparsity=sparsity, allocator=method.allocator,
+        return AllocateConfig(sparsity=sparsity, allocator=method.allocator, ridge=method.ridge,
                               prune_attention=self.prune_attention, steps=self.allocator_steps,
                               seed=self.seed, device=self.device)
 
     def surgery_config(self, method: Method) -> SurgeryConfig:
-        return SurgeryConfig(bias_compensation=method.bias_compensation,
+        return SurgeryConfig(reconstruct=method.reconstruct, ridge=method.ridge,
                              device=self.device)
 
     def perplexity_config(self) -> PerplexityConfig:

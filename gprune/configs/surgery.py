@@ -1,22 +1,28 @@
 """Configuration of the surgery stage (stage 6: slice the model to a plan, save it)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field
 
 from gprune.configs.base import StageConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Reconstruct = Literal["none", "bias", "lsq"]
 
 
 class SurgeryConfig(StageConfig):
-    """bias_compensation: fold the removed channels' mean contribution into the output
-    biases (FLAP); needs a stats artifact. A plan whose ``bias_compensation`` is true turns
-    it on as well. device: where the slicing runs ("auto" = cuda when present); it does not
-    enter the artifact key. dtype: the dtype the model is loaded, sliced and saved in."""
+    """reconstruct: how each output projection recovers what its removed input channels
+    contributed (``gprune.maths.refit``): none, bias (FLAP's bias compensation; needs a
+    stats artifact) or lsq (least-squares refit of the kept columns and the bias; needs
+    the gram artifacts of the calibration sources); None: the plan's (its method's)
+    choice. ridge: lsq damping, relative to the kept Gram's mean diagonal. device: where
+    the slicing runs ("auto" = cuda when present); it does not enter the artifact key.
+    dtype: the dtype the model is loaded, sliced and saved in."""
 
-    bias_compensation: bool = False
+    reconstruct: Optional[Reconstruct] = None
+    ridge: float = Field(1e-2, gt=0, le=10)
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

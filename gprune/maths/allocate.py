@@ -161,13 +161,14 @@ def harden(scores: pd.DataFrame, alloc: Allocation, shape: ModelShape) -> list[d
 
 def flap_fractions(scores: pd.DataFrame, shape: ModelShape, sparsity: float,
                    prune_attention: bool) -> Fractions:
-    """FLAP: standardize raw scores per layer and kind, then one global threshold.
+    """FLAP's joint threshold (reference ``lib/prune.py``, structure AL-AM).
 
-    A head weighs its parameter count; the threshold is bisected so the units
-    above it fill the budget.
+    Standardized scores of MLP channels and heads in one ranking (``flap_z``), each
+    unit weighing the parameters it removes (a head: its q/o plus its share of k/v,
+    4 * hidden * head_dim for MHA: FLAP's 512/3 channels at head_dim 128); the units
+    above the threshold fill the budget.
     """
-    z = scores.groupby(["layer", "kind"]).raw.transform(
-        lambda s: (s - s.mean()) / (s.std(ddof=0) or 1.0)).to_numpy()
+    z = flap_z(scores)
     is_head = (scores.kind == "attn").to_numpy()
     weight = np.where(is_head, shape.head_params_amortized, shape.params_per_channel)
     if not prune_attention:
@@ -183,3 +184,24 @@ def flap_fractions(scores: pd.DataFrame, shape: ModelShape, sparsity: float,
     attn = table[table.kind == "attn"].groupby("layer").kept.mean()
     return Fractions({(int(l), int(m)): float(v) for (l, m), v in mlp.items()}, sizes,
                      {int(l): float(v) for l, v in attn.items()})
+
+
+def _standardized(values: pd.Series) -> pd.Series:
+    """(v - mean) / std with ddof=1 (torch.std's default, as FLAP); 0 where std is 0 or NaN."""
+    std = values.std(ddof=1)
+    return (values - values.mean()) / std if std > 0 else values * 0.0
+
+
+def flap_z(scores: pd.DataFrame) -> np.ndarray:
+    """(units,) the standardized scores FLAP's threshold compares.
+
+    MLP channels: raw standardized over the layer's channels. Heads: their ``z`` column,
+    FLAP's rule over the layer's H * head_dim channels (``gprune.maths.stats``); heads
+    without one (weight-scored, or no channel statistics) fall back to raw standardized
+    over the layer's heads.
+    """
+    by_block = scores.groupby(["layer", "kind"]).raw.transform(_standardized).to_numpy()
+    z = (scores["z"].to_numpy(dtype=float) if "z" in scores
+         else np.full(len(scores), np.nan))                                    # (units,)
+    use_z = (scores.kind == "attn").to_numpy() & ~np.isnan(z)
+    return np.where(use_z, z, by_block)

@@ -62,6 +62,9 @@ class LayerPlan:
                               "query heads; rebuild the plan")
 
 
+RECONSTRUCTIONS = ("none", "bias", "lsq")
+
+
 @dataclass(frozen=True)
 class PruningPlan:
     """A whole-model plan; derived counts are computed, never trusted from the file."""
@@ -72,7 +75,7 @@ class PruningPlan:
     target_sparsity: float
     dense: ModelShape
     layers: tuple[LayerPlan, ...]
-    bias_compensation: bool = False
+    reconstruct: str = "none"             # none | bias | lsq: the method's reconstruction
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- counts ------------------------------------------------------------
@@ -96,7 +99,7 @@ class PruningPlan:
             "achieved_sparsity": round(self.achieved_sparsity, 6),
             "prunable_params": self.prunable_params,
             "kept_prunable_params": self.kept_prunable_params,
-            "dense": asdict(self.dense), "bias_compensation": bool(self.bias_compensation),
+            "dense": asdict(self.dense), "reconstruct": self.reconstruct,
             "layers": [{"layer": lp.layer, "mlp_keep": list(lp.mlp_keep),
                         "heads_keep": list(lp.heads_keep), "kv_keep": list(lp.kv_keep)}
                        for lp in self.layers],
@@ -120,7 +123,8 @@ class PruningPlan:
                 layers=tuple(LayerPlan(int(lp["layer"]), _ints(lp["mlp_keep"]),
                                        _ints(lp["heads_keep"]), _ints(lp["kv_keep"]))
                              for lp in raw["layers"]),
-                bias_compensation=bool(raw.get("bias_compensation", False)),
+                reconstruct=str(raw.get("reconstruct")
+                                or ("bias" if raw.get("bias_compensation") else "none")),
                 extra=dict(raw.get("extra", {})))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"plan.json is malformed ({err!r}); rerun the plan stage") from err
@@ -147,6 +151,9 @@ class PruningPlan:
         if [lp.layer for lp in self.layers] != list(range(self.dense.num_layers)):
             raise ConfigError(f"plan must list layers 0..{self.dense.num_layers - 1} in order; "
                               "rebuild the plan")
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise ConfigError(f"plan reconstruct must be one of {', '.join(RECONSTRUCTIONS)}; "
+                              f"got {self.reconstruct!r}")
         for lp in self.layers:
             lp.check(self.dense)
 

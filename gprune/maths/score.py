@@ -19,11 +19,31 @@ from gprune.maths.stats import scaled_rank
 SIGMA_EPS = 1e-9
 
 
+def activation_column(metric: str, aggregate: str) -> str:
+    """The stats column of the activation metric: normalized mean over sources, or pooled."""
+    return f"{metric}_pooled" if aggregate == "pooled" else f"{metric}_magnitude"
+
+
 def activation_score(units: pd.DataFrame, metric: str, aggregate: str) -> np.ndarray:
     """The activation metric per unit: normalized mean over sources, or from pooled statistics."""
-    if aggregate == "pooled":
-        return units[f"{metric}_pooled"].to_numpy(dtype=float)
-    return units[f"{metric}_magnitude"].to_numpy(dtype=float)
+    return units[activation_column(metric, aggregate)].to_numpy(dtype=float)
+
+
+def standardized_score(units: pd.DataFrame, metric: str | None, aggregate: str) -> np.ndarray:
+    """FLAP's standardized score of the same signal (stats ``..._z``; NaN where absent)."""
+    column = f"{activation_column(metric, aggregate)}_z" if metric else None
+    if column not in units:
+        return np.full(len(units), np.nan)
+    return units[column].to_numpy(dtype=float)
+
+
+def heads_by_standardized(scores: pd.DataFrame) -> pd.DataFrame:
+    """Heads ranked by their standardized score ``z`` (FLAP's head rule), where they have one."""
+    out = scores.copy()
+    heads = (out.kind == "attn") & out.z.notna()
+    out.loc[heads, "raw"] = out.loc[heads, "z"]
+    out["score"] = out.groupby(["layer", "kind", "module"]).raw.transform(scaled_rank)
+    return out
 
 
 def gate_modules(modules: pd.DataFrame, q_sigma: float, q_m: float) -> pd.DataFrame:
@@ -61,7 +81,8 @@ def score_units(units: pd.DataFrame, modules_of_units: pd.DataFrame, metric: str
     metric: the activation metric's column prefix, or None to score by ``weight_score``
     only (no activations, so no gate); signal: the activation metric whose sensitivity
     and magnitude describe (and gate) the modules.
-    Returns (scores[layer, kind, unit, module, metric_used, raw, score], modules summary).
+    Returns (scores[layer, kind, unit, module, metric_used, raw, score, z], modules summary);
+    z: FLAP's standardized score of activation-scored units (NaN for weight-scored ones).
     """
     gated = gate and metric is not None
     if gated and units[f"{signal}_sensitivity"].isna().any():
@@ -80,5 +101,7 @@ def score_units(units: pd.DataFrame, modules_of_units: pd.DataFrame, metric: str
                   else activation_score(table, metric, aggregate))
     table["raw"] = np.where(table.metric_used == "weight", table.weight_score, activation)
     table["score"] = table.groupby(["layer", "kind", "module"]).raw.transform(scaled_rank)
-    scores = table[["layer", "kind", "unit", "module", "metric_used", "raw", "score"]]
+    table["z"] = np.where(table.metric_used == "weight", np.nan,
+                          standardized_score(table, metric, aggregate))
+    scores = table[["layer", "kind", "unit", "module", "metric_used", "raw", "score", "z"]]
     return scores.sort_values(["layer", "kind", "unit"], ignore_index=True), modules

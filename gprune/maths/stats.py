@@ -12,6 +12,15 @@ projection W_out (out, C):
 - flap(c)     = Var[x_c] * ||W_out[:, c]||^2,  Var the population variance;
 - a head's score is the sum over its channels.
 
+FLAP's standardized score of a unit (``m_pooled_z`` / ``m_magnitude_z``, the columns a
+global threshold compares; An et al. 2024, reference code ``lib/prune.py``, AL-AM):
+
+- MLP channel: (s_c - mean) / std over the layer's channels (std with ddof=1);
+- head: square each of the layer's H * head_dim channel scores, standardize them over
+  the layer (ddof=1), and average over the head's channels. Standardizing over channels,
+  not over the layer's few heads, keeps a layer whose heads are all alike from always
+  having "weak" heads.
+
 Within one layer and unit kind, with s(u, d) the score of unit u on source d:
 
 - rank r(u, d): average rank (ties averaged) scaled to [0, 1], highest score -> 1
@@ -92,6 +101,27 @@ def heads_sum(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:
 def heads_mean(per_channel: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(H * head_dim,) -> (H,) mean over each head's channels."""
     return per_channel.reshape(-1, head_dim).mean(dim=1)
+
+
+# ---- FLAP's standardization ------------------------------------------------------
+def standardize(values: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (C,) (v - mean) / std, std with ddof=1 (torch's default, as FLAP); 0 where
+    the std is 0 or undefined (one value)."""
+    if values.numel() < 2:
+        return torch.zeros_like(values)
+    std = values.std()
+    return (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
+
+
+def flap_standardized(per_channel: torch.Tensor, head_dim: int | None) -> torch.Tensor:
+    """FLAP's standardized unit scores from one layer's per-channel scores.
+
+    MLP (``head_dim`` None): (I,) -> (I,) standardized channel scores. Attention:
+    (H * head_dim,) -> (H,) mean over each head's channels of the standardized squares.
+    """
+    if head_dim is None:
+        return standardize(per_channel)
+    return heads_mean(standardize(per_channel.square()), head_dim)
 
 
 # ---- weight-only scores -------------------------------------------------------

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gprune.maths.stats import (LayerWeights, channel_var, head_weight_scores,
-                                heads_mean, heads_sum, magnitude, mlp_weight_scores,
-                                rank_matrix, sensitivity)
+from gprune.maths.stats import (LayerWeights, channel_var, flap_standardized,
+                                head_weight_scores, heads_mean, heads_sum, magnitude,
+                                mlp_weight_scores, rank_matrix, sensitivity)
 
 KINDS = ("mlp", "attn")
 # (total, sumsq, count, w_out) -> (C,) per-channel score; gprune.methods.importance has them
@@ -71,16 +71,30 @@ def unit_columns(kind: str, blocks: list[ChannelBlock], weights: LayerWeights, h
     columns: dict[str, object] = {"weight_score": weight_score.numpy(), "freq": freq.numpy()}
     pooled = ChannelBlock.pool(blocks)
     for metric, channel_metric in metrics.items():
-        scores = np.stack([to_units(channel_metric(b.sum, b.sumsq, b.count, w_out)).numpy()
-                           for b in blocks], axis=1)                           # (U, D)
-        ranks = rank_matrix(scores)                                            # (U, D)
-        columns[metric] = list(scores)
-        columns[f"{metric}_rank"] = list(ranks)
-        columns[f"{metric}_sensitivity"] = sensitivity(ranks)
-        columns[f"{metric}_magnitude"] = magnitude(scores)
-        columns[f"{metric}_pooled"] = to_units(channel_metric(
-            pooled.sum, pooled.sumsq, pooled.count, w_out)).numpy()
+        per_source = torch.stack([channel_metric(b.sum, b.sumsq, b.count, w_out)
+                                  for b in blocks], dim=1)                     # (C, D)
+        columns.update(_metric_columns(
+            metric, per_source, channel_metric(pooled.sum, pooled.sumsq, pooled.count, w_out),
+            to_units, None if kind == "mlp" else head_dim))
     return columns
+
+
+def _metric_columns(metric: str, per_source: torch.Tensor, pooled: torch.Tensor,
+                    to_units: Callable[[torch.Tensor], torch.Tensor],
+                    head_dim: int | None) -> dict[str, object]:
+    """One metric's unit columns from its channel scores: per_source (C, D), pooled (C,).
+
+    ``head_dim``: None for MLP channels (unit = channel), else the head width."""
+    scores = np.stack([to_units(per_source[:, d]).numpy()
+                       for d in range(per_source.shape[1])], axis=1)            # (U, D)
+    ranks = rank_matrix(scores)                                                # (U, D)
+    channel_magnitude = torch.from_numpy(magnitude(per_source.numpy()))        # (C,)
+    return {metric: list(scores), f"{metric}_rank": list(ranks),
+            f"{metric}_sensitivity": sensitivity(ranks),
+            f"{metric}_magnitude": magnitude(scores),
+            f"{metric}_pooled": to_units(pooled).numpy(),
+            f"{metric}_pooled_z": flap_standardized(pooled, head_dim).numpy(),
+            f"{metric}_magnitude_z": flap_standardized(channel_magnitude, head_dim).numpy()}
 
 
 def units_table(per_source: list[pd.DataFrame], weights: list[LayerWeights], head_dim: int,

@@ -7,25 +7,31 @@ never a second copy of the model). Module lookup goes through the ``FamilyAdapte
 - MLP: rows of the input projections (gate/up or fc1) and columns of the output projection.
 - Attention: q rows / o columns per kept query head, k/v rows per kept KV group; biases
   of q/k/v are sliced with their rows.
-- Optional FLAP bias compensation: the removed channels' mean contribution
-  ``W_out[:, removed] @ mean[removed]`` is added to the output projection's bias
-  (a zero bias is created when the dense projection has none).
+- Optional reconstruction of each output projection (``fits``; ``gprune.maths.refit``):
+  FLAP bias compensation (``bias_fits``: the removed channels' mean contribution moves
+  into the bias) or a least-squares refit of the kept columns and the bias; either
+  creates a bias where the dense projection has none.
 
 A layer that keeps no query head is left with zero-sized q/k/v/o weights here; the
 pruned-checkpoint code (gprune/models/pruned.py) swaps in an empty attention module.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from gprune.errors import ConfigError
 from gprune.maths.plan import LayerPlan, PruningPlan
+from gprune.maths.refit import bias_refit, lsq_refit
 from gprune.models.adapters import FamilyAdapter, ModelShape
 
 Means = Mapping[tuple[int, str], torch.Tensor]   # (layer, "mlp"|"attn") -> (channels,)
+# (weight (out, d), bias (out,) | None, kept columns (k,)) -> (weight (out, k), bias (out,))
+Fit = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor],
+               tuple[torch.Tensor, torch.Tensor]]
+Fits = Callable[[int, str], Optional[Fit]]       # (layer, "mlp"|"attn") -> its Fit
 
 
 def head_channels(heads: tuple[int, ...] | list[int], head_dim: int,
@@ -62,52 +68,47 @@ def slice_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compensation(weight_out: torch.Tensor, mean: torch.Tensor,
-                 removed: torch.Tensor) -> torch.Tensor:
-    """FLAP bias delta ``W_out[:, removed] @ mean[removed]`` in float64: (out,)."""
-    w = weight_out[:, removed].double()                       # (out, r)
-    m = mean.to(device=w.device, dtype=torch.float64)[removed.to(w.device)]  # (r,)
-    return w @ m                                              # (out,)
+def set_output(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Replace an output projection's weight (out, k) and bias (out,), in its dtype."""
+    like = linear.weight
+    linear.weight = nn.Parameter(weight.to(device=like.device, dtype=like.dtype).contiguous(),
+                                 requires_grad=like.requires_grad)
+    linear.bias = nn.Parameter(bias.to(device=like.device, dtype=like.dtype).contiguous(),
+                               requires_grad=like.requires_grad)
+    linear.in_features = int(weight.shape[1])
 
 
-@torch.no_grad()
-def add_bias(linear: nn.Linear, delta: torch.Tensor) -> None:
-    """Add ``delta`` (out,) to the bias, creating a zero bias when there is none."""
-    weight = linear.weight
-    if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                               device=weight.device),
-                                   requires_grad=weight.requires_grad)
-    linear.bias += delta.to(dtype=linear.bias.dtype, device=linear.bias.device)
+def prune_output(out: nn.Linear, keep: torch.Tensor, fit: Fit | None) -> None:
+    """Keep the input columns ``keep`` of an output projection, refit by ``fit`` if given."""
+    if fit is None:
+        slice_cols(out, keep)
+        return
+    weight, bias = fit(out.weight, out.bias, keep)                        # (out, k), (out,)
+    set_output(out, weight, bias)
 
 
 def prune_mlp(layer: nn.Module, adapter: FamilyAdapter, keep: tuple[int, ...],
-              size: int, mean: torch.Tensor | None = None) -> None:
-    """Slice one layer's MLP to the channels ``keep`` (optionally compensating the rest)."""
+              fit: Fit | None = None) -> None:
+    """Slice one layer's MLP to the channels ``keep`` (the output projection refit by ``fit``)."""
     out = adapter.mlp_output(layer)
     idx = torch.as_tensor(list(keep), dtype=torch.long, device=out.weight.device)
-    if mean is not None:
-        add_bias(out, compensation(out.weight, mean, removed_channels(idx, size)))
     for linear in adapter.mlp_inputs(layer):
         slice_rows(linear, idx)
-    slice_cols(out, idx)
+    prune_output(out, idx, fit)
 
 
 def prune_attention(layer: nn.Module, adapter: FamilyAdapter, plan: LayerPlan,
-                    shape: ModelShape, mean: torch.Tensor | None = None) -> None:
-    """Slice q/o by kept query head and k/v by kept KV group (optionally compensating)."""
+                    shape: ModelShape, fit: Fit | None = None) -> None:
+    """Slice q/o by kept query head and k/v by kept KV group (o refit by ``fit``)."""
     q, k, v = adapter.attn_qkv(layer)
     o = adapter.attn_output(layer)
     device = o.weight.device
     q_idx = head_channels(plan.heads_keep, shape.head_dim, device)    # (h_keep*d,)
     kv_idx = head_channels(plan.kv_keep, shape.head_dim, device)      # (g_keep*d,)
-    if mean is not None:
-        removed = removed_channels(q_idx, shape.heads * shape.head_dim)
-        add_bias(o, compensation(o.weight, mean, removed))
     slice_rows(q, q_idx)
     slice_rows(k, kv_idx)
     slice_rows(v, kv_idx)
-    slice_cols(o, q_idx)
+    prune_output(o, q_idx, fit)
 
 
 def layer_sizes(layer: nn.Module, adapter: FamilyAdapter, plan: LayerPlan) -> dict:
@@ -119,11 +120,12 @@ def layer_sizes(layer: nn.Module, adapter: FamilyAdapter, plan: LayerPlan) -> di
 
 
 def apply_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan,
-               means: Means | None = None) -> list[dict]:
+               fits: Fits | None = None) -> list[dict]:
     """Slice every layer of ``model`` in place; return the per-layer sizes.
 
-    ``means`` (pooled per-channel input means of the output projections) turns on bias
-    compensation; without it the removed channels are simply dropped.
+    ``fits(layer, kind)`` (kind "mlp" | "attn") gives the reconstruction of that output
+    projection (``bias_fits``, ``gprune.maths.refit``); None: the removed channels are
+    simply dropped.
     """
     shape = plan.dense
     if getattr(model.config, "gprune_layers", None) is not None:
@@ -133,12 +135,32 @@ def apply_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan,
                           f"{adapter.shape(model.config)}; make a plan for this model")
     sizes = []
     for lp, layer in zip(plan.layers, adapter.decoder_layers(model), strict=True):
-        mlp_mean = means[(lp.layer, "mlp")] if means is not None else None
-        attn_mean = means[(lp.layer, "attn")] if means is not None else None
-        prune_mlp(layer, adapter, lp.mlp_keep, shape.intermediate, mlp_mean)
-        prune_attention(layer, adapter, lp, shape, attn_mean)
+        prune_mlp(layer, adapter, lp.mlp_keep, fits(lp.layer, "mlp") if fits else None)
+        prune_attention(layer, adapter, lp, shape, fits(lp.layer, "attn") if fits else None)
         sizes.append(layer_sizes(layer, adapter, lp))
     return sizes
+
+
+def bias_fits(means: Means) -> Fits:
+    """FLAP bias compensation from pooled per-channel input means."""
+    return lambda layer, kind: lambda w, b, keep: bias_refit(w, b, means[(layer, kind)], keep)
+
+
+def lsq_fits(gram_of: Callable[[int, str], torch.Tensor], ridge: float,
+             report: list[dict]) -> Fits:
+    """Least-squares refits from ``gram_of(layer, kind)`` (normalized (d+1, d+1) Grams);
+    appends each projection's residual and condition number to ``report``."""
+    def fits(layer: int, kind: str) -> Fit:
+        def fit(weight, bias, keep):
+            try:
+                result = lsq_refit(weight, bias, gram_of(layer, kind), keep, ridge)
+            except ValueError as err:
+                raise ConfigError(f"layer {layer} {kind}: {err}") from err
+            report.append({"layer": layer, "kind": kind, "kept": int(keep.numel()),
+                           "residual": result.residual, "condition": result.condition})
+            return result.weight, result.bias
+        return fit
+    return fits
 
 
 def channel_means(channels, shape: ModelShape) -> dict[tuple[int, str], torch.Tensor]:

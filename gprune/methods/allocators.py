@@ -5,7 +5,8 @@ layer's attention (``gprune.maths.allocate.Fractions``); the allocate stage then
 projects them onto the exact budget and keeps the best-scored units. ``uses_path``:
 the allocator reads a learned path (the ``path`` stage, learned once for every
 target); ``needs_model``: its fractions run the model (loaded by the stage through
-``AllocationInputs.learning``; the path stage always does). Register a new one with ``@register_allocator``.
+``AllocationInputs.learning``; the path stage always does); ``needs_gram``: it reads
+the calibration Grams (``AllocationInputs.grams``; a method using it needs "gram"). Register a new one with ``@register_allocator``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from gprune.errors import ConfigError
 from gprune.maths.allocate import Fractions, flap_fractions, uniform_fractions
 from gprune.maths.learned import LearnSettings, learn_fractions
 from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
+from gprune.maths.refit_allocate import ladder_fractions, refit_ladders
 from gprune.methods.named import Registry
 from gprune.models.adapters import ModelShape
 
@@ -34,12 +36,15 @@ class AllocationInputs:
     learn: dict                    # learning settings (AllocateConfig.learn_settings())
     path_table: Optional[pd.DataFrame] = None   # uses_path allocators: the path stage's table
     learning: Optional[Learning] = None         # needs_model allocators
+    grams: Optional[Callable[[int, str], Any]] = None  # needs_gram: (layer, kind) -> Gram
+    ridge: float = 1e-2                         # needs_gram: the refit's damping
 
 
 class Allocator:
     name: ClassVar[str]
     uses_path: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    needs_gram: ClassVar[bool] = False
 
     @classmethod
     def fractions(cls, inputs: AllocationInputs) -> tuple[Fractions, list[float]]:
@@ -114,3 +119,41 @@ class LearnedPath(Allocator):
                               "first (gprune stage path) and pass its key")
         return path_fractions(inputs.path_table, inputs.scores, inputs.shape, inputs.sparsity,
                               inputs.prune_attention), []
+
+
+@register_allocator
+class RefitError(Allocator):
+    """Spend the budget where the least-squares refit leaves the least error: heads and
+    MLP channels compared by their measured effect (``gprune.maths.refit_allocate``). Its
+    path is the table of every layer's error ladder: computed once, read at any target."""
+
+    name = "refit_error"
+    uses_path = True
+    needs_gram = True
+
+    @classmethod
+    def learn(cls, inputs: AllocationInputs, grid: tuple[float, ...]
+              ) -> tuple[pd.DataFrame, list[float]]:
+        if inputs.grams is None:
+            raise ConfigError("the refit_error allocator needs Gram statistics: run the gram "
+                              "stage for the calibration sources first and pass their keys")
+        model, adapter, _ = inputs.learning()
+        layers = adapter.decoder_layers(model)
+
+        def maps(layer: int, kind: str):
+            out = (adapter.mlp_output if kind == "mlp" else adapter.attn_output)(layers[layer])
+            return out.weight, out.bias
+
+        table = refit_ladders(inputs.scores, inputs.shape, inputs.prune_attention,
+                              inputs.grams, maps, inputs.ridge)
+        return table, []
+
+    @classmethod
+    def fractions(cls, inputs):
+        if inputs.path_table is None:
+            raise ConfigError("the refit_error allocator reads its error ladders: run the path "
+                              "stage first (gprune stage path) and pass its key")
+        fractions, chosen = ladder_fractions(inputs.path_table, inputs.scores, inputs.shape,
+                                             inputs.sparsity)
+        return fractions, [{"layer": l, "kind": k, "keep": f, "error": e}
+                           for l, k, f, e in chosen]

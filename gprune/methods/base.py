@@ -10,9 +10,9 @@ A method is one class in one module. It declares
 - ``score_settings()`` and ``score_units(units, modules_of_units, **settings)``: how
   units are scored (pure; the score stage's key covers the method name and settings,
   so methods or ablations with equal settings share one score artifact);
-- ``allocator`` (a name in ``gprune.methods.allocators``) and ``bias_compensation``
-  (its default weight reconstruction); ``serves_all_targets``: whether one learned
-  artifact (the path) serves every target sparsity.
+- ``allocator`` (a name in ``gprune.methods.allocators``) and ``reconstruct`` (its
+  weight reconstruction at surgery: none, bias or lsq; lsq adds "gram" to its needs);
+  ``serves_all_targets``: whether one learned artifact (the path) serves every target.
 
 Defining a subclass with a ``name`` registers it (``METHODS``); a third-party package
 registers its methods by exposing their module under the entry-point group
@@ -24,21 +24,37 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gprune.configs.partition import PartitionConfig
 from gprune.configs.score import ScoreConfig
+from gprune.configs.surgery import Reconstruct
 from gprune.errors import ConfigError
 from gprune.maths.score import score_units
 from gprune.methods.allocators import allocator as allocator_class
 from gprune.methods.importance import importance, signal_of
 
-STATISTICS = frozenset({"moments", "weights"})  # what the capture and stats stages provide
+STATISTICS = frozenset({"moments", "weights", "gram"})  # what capture, stats and gram provide
 METHODS: dict[str, type["Method"]] = {}
 
 
 class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def reconstruct_field(default: Reconstruct):
+    """The ``reconstruct`` parameter with a method's own default."""
+    return Field(default, description="weight reconstruction at surgery: none, bias (FLAP) "
+                                      "or lsq (least-squares refit of the kept columns from "
+                                      "Gram statistics)")
+
+
+class ReconstructionParams(MethodParams):
+    """Parameters of a method's weight reconstruction (override ``reconstruct``'s default)."""
+
+    reconstruct: Reconstruct = reconstruct_field("none")
+    ridge: float = Field(1e-2, gt=0, le=10,
+                         description="lsq damping, relative to the kept Gram's mean diagonal")
 
 
 class Method:
@@ -63,6 +79,8 @@ class Method:
             message = first["msg"].removeprefix("Value error, ")
             raise ConfigError(f"method {self.name}: parameter {where}: {message}; "
                               f"parameters: {', '.join(self.Params.model_fields)}") from None
+        if self.reconstruct == "lsq" or allocator_class(self.allocator).needs_gram:
+            self.needs = self.needs | {"gram"}   # this instance's needs
         missing = self.needs - STATISTICS
         if missing:
             raise ConfigError(f"method {self.name} needs statistics this pipeline does not "
@@ -108,11 +126,15 @@ class Method:
 
     @property
     def allocator(self) -> str:
-        return self.params.allocator
+        return getattr(self.params, "allocator", "uniform")
 
     @property
-    def bias_compensation(self) -> bool:
-        return bool(getattr(self.params, "bias_compensation", False))
+    def reconstruct(self) -> str:
+        return getattr(self.params, "reconstruct", "none")
+
+    @property
+    def ridge(self) -> float:
+        return getattr(self.params, "ridge", 1e-2)
 
     @property
     def serves_all_targets(self) -> bool:

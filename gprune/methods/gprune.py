@@ -15,12 +15,13 @@ from typing import Literal
 from pydantic import Field
 
 from gprune.configs.partition import PartitionConfig
+from gprune.configs.surgery import Reconstruct
 from gprune.methods.allocators import AllocatorName
-from gprune.methods.base import Method, MethodParams
+from gprune.methods.base import Method, ReconstructionParams, reconstruct_field
 from gprune.methods.importance import CriterionName, importance, signal_of
 
 
-class GpruneParams(MethodParams):
+class GpruneParams(ReconstructionParams):
     k: int = Field(4, ge=1, description="modules per layer (1: no partition)")
     metric: CriterionName = Field("wanda_sp", description="importance criterion (gprune.methods.importance)")
     aggregate: Literal["normalized_mean", "pooled"] = Field(
@@ -29,7 +30,7 @@ class GpruneParams(MethodParams):
     q_sigma: float = Field(0.75, gt=0, lt=1, description="gate: sensitivity quantile")
     q_m: float = Field(0.25, gt=0, lt=1, description="gate: magnitude quantile")
     allocator: AllocatorName = Field("learned_path", description="gprune.methods.allocators name")
-    bias_compensation: bool = Field(False, description="FLAP-style bias compensation")
+    reconstruct: Reconstruct = reconstruct_field("lsq")
 
 
 class Gprune(Method):

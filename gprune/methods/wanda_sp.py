@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from gprune.configs.surgery import Reconstruct
 from gprune.methods.allocators import AllocatorName
-from gprune.methods.base import Method, MethodParams
+from gprune.methods.base import Method, ReconstructionParams, reconstruct_field
 
 
-class UniformParams(MethodParams):
+class UniformParams(ReconstructionParams):
     allocator: AllocatorName = Field("uniform", description="gprune.methods.allocators name")
-    bias_compensation: bool = Field(False, description="FLAP-style bias compensation")
+    reconstruct: Reconstruct = reconstruct_field("none")
 
 
 class WandaSp(Method):

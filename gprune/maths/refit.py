@@ -1,0 +1,114 @@
+"""Weight reconstruction of an output projection after its input channels were pruned.
+
+The output projection ``y = W x + b`` (W: (out, d)) keeps the input channels ``K``.
+Without reconstruction the removed channels' contribution is simply lost. Two ways to
+recover it from calibration statistics:
+
+- ``bias`` (FLAP, arXiv 2312.11983): ``b' = b + W[:, R] mean(x_R)`` (R: removed);
+- ``lsq`` (least squares, as GRAIL arXiv 2602.23795 and SlimGPT refit the kept weights):
+  the kept columns and the bias are refit so that ``W' x_K + b'`` reproduces the dense
+  output on the calibration inputs. With the Gram ``G = E[x~ x~^T]`` of ``x~ = [x, 1]``
+  ((d+1, d+1), the last row/column the means, the corner 1), ``S = K + [intercept]`` and
+  the dense map ``A = [W, b]`` (out, d+1), the ridge-damped normal equations are
+
+      (G[S, S] + lam * D) B^T = G[S, :] A^T,   lam = ridge * mean(diag G[K, K]),
+
+  D the identity on K and 0 on the intercept (the bias is not shrunk); ``W' = B[:, :k]``,
+  ``b' = B[:, k]``. The residual ``E||A x~ - B x~_S||^2`` per token is returned too (the
+  error the pruning leaves after the refit), with a condition estimate of the damped
+  kept Gram (from its Cholesky factor; a singular kept Gram is what the ridge is for).
+
+Pure tensor maths in float64; shapes in the comments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Refit:
+    weight: torch.Tensor      # (out, k)
+    bias: torch.Tensor        # (out,)
+    residual: float           # mean squared output error per token after the refit
+    condition: float          # condition estimate of the damped kept Gram (Cholesky)
+    per_output: torch.Tensor  # (out,) the residual of each output dimension
+
+
+def dense_map(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[W, b]`` in float64: (out, d+1); a missing bias is zero."""
+    w = weight.detach().to(torch.float64)                                 # (out, d)
+    b = (torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None
+         else bias.detach().to(device=w.device, dtype=torch.float64))     # (out,)
+    return torch.cat([w, b[:, None]], dim=1)                              # (out, d+1)
+
+
+def normalized(gram: torch.Tensor) -> torch.Tensor:
+    """A Gram of sums (corner = token count) as second moments (corner = 1)."""
+    count = gram[-1, -1]
+    if not torch.isfinite(gram).all() or count <= 0:
+        raise ValueError("the Gram has non-finite entries or no tokens")
+    return gram.to(torch.float64) / count
+
+
+def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
+              keep: torch.Tensor, ridge: float, condition: bool = True) -> Refit:
+    """Refit the kept columns ``keep`` (k,) and the bias; ``gram`` (d+1, d+1) normalized.
+    ``condition``: also compute the damped kept Gram's condition number (else NaN)."""
+    a = dense_map(weight, bias)                                           # (out, d+1)
+    g = gram.to(device=a.device, dtype=torch.float64)                     # (d+1, d+1)
+    d = a.shape[1] - 1
+    s = torch.cat([keep.to(device=a.device, dtype=torch.long),
+                   torch.tensor([d], device=a.device)])                   # (k+1,)
+    g_ss = g[s][:, s]                                                     # (k+1, k+1)
+    k = s.numel() - 1
+    lam = ridge * g_ss.diagonal()[:k].mean().clamp_min(1e-30) if k else g_ss.new_tensor(0.0)
+    damp = torch.zeros(k + 1, dtype=torch.float64, device=a.device)
+    damp[:k] = lam
+    lhs = g_ss + torch.diag(damp)                                         # (k+1, k+1)
+    rhs = g[s] @ a.T                                                      # (k+1, out)
+    factor, info = torch.linalg.cholesky_ex(lhs)                         # SPD when damped
+    b_t = (torch.cholesky_solve(rhs, factor) if int(info) == 0
+           else torch.linalg.lstsq(lhs, rhs).solution)                    # (k+1, out)
+    per_output = residual_per_output(a, g, b_t.T, s)                      # (out,)
+    estimate = cholesky_condition(factor) if int(info) == 0 else float("inf")
+    return Refit(b_t[:k].T.contiguous(), b_t[k].contiguous(), float(per_output.sum()),
+                 estimate if condition else float("nan"), per_output)
+
+
+def cholesky_condition(factor: torch.Tensor) -> float:
+    """Cheap condition estimate of ``L L^T`` from its Cholesky factor: (max/min diag L)^2,
+    a lower bound of the true condition number (no eigendecomposition needed)."""
+    diag = factor.diagonal().abs()
+    return float((diag.max() / diag.min().clamp_min(1e-300)) ** 2)
+
+
+def residual_error(a: torch.Tensor, g: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> float:
+    """``E||A x~ - B x~_S||^2`` per token from the Gram: A (out, d+1), B (out, |S|)."""
+    return float(residual_per_output(a, g, b, s).sum())
+
+
+def residual_per_output(a: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
+                        s: torch.Tensor) -> torch.Tensor:
+    """(out,) mean squared error of each output dimension, from the Gram."""
+    full = (a @ g * a).sum(1)                                             # diag(A G A^T)
+    cross = (b @ g[s] * a).sum(1)                                         # diag(B G_S: A^T)
+    kept = (b @ g[s][:, s] * b).sum(1)                                    # diag(B G_SS B^T)
+    return (full - 2 * cross + kept).clamp_min(0.0)
+
+
+def output_energy(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(out,) mean square of each output dimension of the dense map: diag(A G A^T)."""
+    return (a @ g.to(a) * a).sum(1)
+
+
+def bias_refit(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
+               keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP bias compensation: (W[:, keep] (out, k), b + W[:, removed] @ mean[removed])."""
+    a = dense_map(weight, bias)                                           # (out, d+1)
+    d = a.shape[1] - 1
+    removed = torch.ones(d, dtype=torch.bool, device=a.device)
+    removed[keep.to(a.device)] = False
+    m = mean.to(device=a.device, dtype=torch.float64)                     # (d,)
+    return a[:, keep.to(a.device)], a[:, d] + a[:, :d][:, removed] @ m[removed]
