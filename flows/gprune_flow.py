@@ -20,7 +20,7 @@ Orchestration only: the maths is in ``gprune``, each stage in ``tasks/``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prefect import allow_failure, flow, unmapped
 from prefect.logging import get_run_logger
@@ -53,10 +53,10 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
         [config.capture_config(s) for s in config.sources], unmapped(root),
         unmapped(config.model), unmapped(ref.fingerprint), [corpora[s] for s in config.sources],
         force=unmapped(config.forced("capture")))
-    gram_keys = _grams(config, root, ref.fingerprint, corpora)   # source -> future, or {}
     stats_key = stages.stats.submit(StatsConfig(), root, capture_keys,
                                     force=config.forced("stats"))
-    plans, checkpoints = _targets(config, root, stats_key, list(gram_keys.values()))
+    plans, checkpoints, gram_keys = _targets(
+        config, root, stats_key, lambda: _grams(config, root, ref.fingerprint, corpora))
     result = {"store": root, "stats": stats_key.result(),
               "plans": {name: f.result() for name, f in plans.items()},
               "checkpoints": {name: f.result() for name, f in checkpoints.items()}}
@@ -92,34 +92,44 @@ def _grams(config: PipelineConfig, root: str, fingerprint: str, corpora: dict) -
     return dict(zip(config.sources, futures))
 
 
-def _targets(config: PipelineConfig, root: str, stats_key, grams: list) -> tuple[dict, dict]:
-    """Partition and score once per distinct config, learn a path once per method that
-    uses one, then allocate + surgery per target (``grams``: the gram futures, for the
-    paths and refits that need them).
+def _targets(config: PipelineConfig, root: str, stats_key,
+             submit_grams: Callable[[], dict]) -> tuple[dict, dict, dict]:
+    """Partition and score once per distinct config, a path once per method that uses
+    one, then allocate + surgery per target; returns (plans, checkpoints, gram futures).
 
     Submitted stage by stage (every allocate before any surgery): a task waiting on its
-    upstream holds a runner slot, so this order keeps the slots on runnable work."""
+    upstream holds a runner slot, so this order keeps the slots on runnable work. The
+    Gram tasks are submitted after the paths that do not need them, so a learned path
+    runs while the Grams accumulate."""
+    methods = config.method_objects()
     scored: dict[str, Any] = {}
-    plans, methods = {}, {}
-    for method in config.method_objects():
-        score_key = _score(config, root, stats_key, method, scored)
-        path_key = _path(config, root, stats_key, score_key, method, grams)
+    scores = {m.label: _score(config, root, stats_key, m, scored) for m in methods}
+    gram_path = {m.label: allocator(m.allocator).needs_gram for m in methods}
+    paths = {m.label: _path(config, root, stats_key, scores[m.label], m, None)
+             for m in methods if not gram_path[m.label]}
+    gram_keys = submit_grams()                                  # source -> future, or {}
+    grams = list(gram_keys.values())
+    paths.update({m.label: _path(config, root, stats_key, scores[m.label], m, grams)
+                  for m in methods if gram_path[m.label]})
+    plans, by_name = {}, {}
+    for method in methods:
         for sparsity in config.sparsities:
             name = f"{method.label}@{sparsity:g}"
-            methods[name] = method
+            by_name[name] = method
             plans[name] = stages.allocate.submit(
-                config.allocate_config(method, sparsity), root, score_key, stats_key,
-                method.label, method.reconstruct,
-                force=config.forced("allocate"), path_key=path_key)
+                config.allocate_config(method, sparsity), root, scores[method.label],
+                stats_key, method.label, method.reconstruct,
+                force=config.forced("allocate"), path_key=paths[method.label])
     checkpoints = {name: stages.surgery.submit(
-        config.surgery_config(methods[name]), root, plan, stats_key,
+        config.surgery_config(by_name[name]), root, plan, stats_key,
         force=config.forced("surgery"),
-        gram_keys=grams if methods[name].reconstruct == "lsq" else None)
+        gram_keys=grams if by_name[name].reconstruct == "lsq" else None)
         for name, plan in plans.items()}
-    return plans, checkpoints
+    return plans, checkpoints, gram_keys
 
 
-def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Method, grams: list):
+def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Method,
+          grams: Optional[list]):
     """The path of a method whose allocator has one (None otherwise)."""
     if not method.serves_all_targets:
         return None

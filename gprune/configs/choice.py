@@ -16,7 +16,7 @@ class ChoiceConfig(EvalStageConfig):
         ("mmlu_local", "siqa_local"), min_length=1,
         description="local task names, paths to .jsonl files {query, choices, gold}, "
                     "or lm-eval task names (need the Hugging Face Hub)")
-    mc_limit: int = Field(100, ge=1, le=1_000_000, description="examples per task (first N)")
+    mc_limit: int = Field(50, ge=1, le=1_000_000, description="examples per task (first N)")
     mc_batch_size: int = Field(16, ge=1, le=4096,
                                description="multiple choice: contexts (of equal token length) "
                                            "per forward pass, each with all its continuations")

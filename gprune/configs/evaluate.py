@@ -8,7 +8,7 @@ Every field of a config enters its own stage's artifact key only.
 
 Defaults are sized for a CPU (the default job evaluates the dense and one pruned
 SmolLM2-135M in about a minute each on 2 cores): 2048 held-out tokens per corpus
-source (4 windows of 512 tokens), the first 100 examples of each multiple-choice task,
+source (4 windows of 512 tokens), the first 50 examples of each multiple-choice task,
 no speed probe. The flow runs its evaluations one after another, each with every CPU
 thread (two at once oversubscribe the cores: about 2x slower in total on 2 cores).
 
@@ -22,7 +22,7 @@ Scaling up (a GPU, or a long CPU run): raise the budgets, which are what the res
 precision depends on: ``ppl_tokens`` (e.g. 32768: 64 windows per source) and
 ``mc_limit`` (e.g. 1000: all of ``mmlu_local``; ``siqa_local`` has 2219 valid items);
 on the command line ``gprune run --eval-tokens 32768 --mc-limit 1000``. The standard
-error of an accuracy is about ``0.5 / sqrt(mc_limit)`` (0.05 at 100, 0.016 at 1000).
+error of an accuracy is about ``0.5 / sqrt(mc_limit)`` (0.07 at 50, 0.016 at 1000).
 ``batch_size`` and ``mc_batch_size`` only set throughput (results agree to float
 rounding); on a GPU 16 and 64 keep it busier.
 """
