@@ -42,7 +42,8 @@ class PipelineConfig(StageConfig):
     methods: list[MethodSpec] = Field(
         default_factory=lambda: ["gprune"], min_length=1,
         description="pruning methods: name or name:key=value,... (e.g. gprune:k=1,gate=false)")
-    capture_sequences: int = Field(16, ge=1, description="calibration sequences per source")
+    capture_sequences: int = Field(8, ge=1, description="calibration sequences per source "
+                                   "(the capture and the Grams; benchmarks use 32)")
     capture_seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
     capture_batch_size: int = Field(4, ge=1, description="sequences per capture forward pass")
     allocator_steps: Optional[int] = Field(
