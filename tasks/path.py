@@ -3,7 +3,7 @@
 For ``learned_path`` (``gprune.methods.allocators.LearnedPath``, METHOD.md stage 5) one
 learning run over a grid of target sparsities (``path.parquet``: per module kind, layer,
 module, the path's parameters a and b); for ``refit_error`` every layer's ladder of
-refit errors (``path.parquet``: layer, kind, option, params, error, keep, weight). The
+refit errors (``path.parquet``: layer, kind, option, params, error, keep). The
 allocate stage reads the path at any target, so a sweep of targets costs one run.
 """
 from __future__ import annotations

@@ -157,7 +157,8 @@ def test_refit_error_allocation_meets_budget_and_beats_uniform_mlp_only(family):
     fractions, chosen = ladder_fractions(table, scores, shape, sparsity)
     alloc = project(fractions, shape, sparsity, 0.1, True)
     assert abs(1 - alloc.kept_params(shape) / plan_params(shape) - sparsity) < 0.01
-    scales = {l: layer_scale(lambda a, k: grams[(a, k)], maps, l)
+    scales = {l: layer_scale({k: grams[(l, k)] for k in ("mlp", "attn")},
+                             {k: maps(l, k) for k in ("mlp", "attn")})
               for l in range(shape.num_layers)}
     ours = sum(e for _l, _k, _f, e in chosen)
     mlp_share = shape.num_layers * shape.intermediate * shape.params_per_channel

@@ -142,6 +142,11 @@ def _heads(alloc: Allocation, layer: int) -> int:
     return groups * per_group
 
 
+def top_units(module: pd.DataFrame, count: int) -> list[int]:
+    """The ``count`` best-scored units of one module (ties: the lower unit index first)."""
+    return module.sort_values(["score", "unit"], ascending=[False, True]).unit[:count].tolist()
+
+
 def harden(scores: pd.DataFrame, alloc: Allocation, shape: ModelShape) -> list[dict]:
     """Per layer: the kept MLP channels (top count per module) and the kept heads / KV groups."""
     layers = []
@@ -150,7 +155,7 @@ def harden(scores: pd.DataFrame, alloc: Allocation, shape: ModelShape) -> list[d
         keep: list[int] = []
         for module, group in mlp.groupby("module"):
             count = alloc.mlp_counts[(layer, int(module))]
-            keep += group.sort_values(["score", "unit"], ascending=[False, True]).unit[:count].tolist()
+            keep += top_units(group, count)
         attn = scores[(scores.layer == layer) & (scores.kind == "attn")].sort_values("unit")
         groups, per_group = alloc.head_configs[layer]
         heads, kv = select_heads(attn.raw.to_numpy(dtype=float), shape.group_size, groups, per_group)

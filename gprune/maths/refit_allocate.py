@@ -22,11 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
-from gprune.maths.allocate import Fractions, module_sizes
+from gprune.maths.allocate import Fractions, module_sizes, top_units
 from gprune.maths.budget import feasible_head_counts, mlp_floor, select_heads
 from gprune.maths.plan import prunable_params
 from gprune.maths.refit import dense_map, lsq_refit, output_energy, residual_per_output
@@ -54,7 +53,7 @@ def mlp_kept(scores: pd.DataFrame, layer: int, fraction: float, floor: float) ->
     keep: list[int] = []
     for _module, group in mlp.groupby("module"):
         count = max(mlp_floor(len(group), floor), math.ceil(fraction * len(group) - 1e-9))
-        keep += group.sort_values(["score", "unit"], ascending=[False, True]).unit[:count].tolist()
+        keep += top_units(group, count)
     return torch.tensor(sorted(int(u) for u in keep), dtype=torch.long)
 
 
@@ -100,17 +99,18 @@ def attn_ladder(scores, shape: ModelShape, layer: int, gram, w, b, ridge: float,
     return Ladder(layer, "attn", params, errors, keeps)
 
 
-def layer_scale(grams: Grams, maps: Maps, layer: int) -> torch.Tensor:
+def layer_scale(grams: dict[str, torch.Tensor], maps: dict[str, tuple]) -> torch.Tensor:
     """(hidden,) per residual-stream dimension, the dense layer's output energy (MLP plus
-    attention): errors are measured relative to it dimension by dimension, so the few
-    dimensions with massive activations do not decide every layer's weight."""
-    energy = sum(output_energy(dense_map(*maps(layer, kind)), grams(layer, kind))
+    attention; ``grams``/``maps`` by kind): errors are measured relative to it dimension by
+    dimension, so the few dimensions with massive activations do not decide every layer's
+    weight."""
+    energy = sum(output_energy(dense_map(*maps[kind]), grams[kind])
                  for kind in ("mlp", "attn"))                               # (hidden,)
     return energy.clamp_min(energy.mean() * 1e-6)
 
 
-def greedy_descent(ladders: list[Ladder], weights: dict[int, float], target: float) -> list[int]:
-    """Index of the chosen option of every ladder: cheapest weighted error per parameter
+def greedy_descent(ladders: list[Ladder], target: float) -> list[int]:
+    """Index of the chosen option of every ladder: cheapest (scaled) error per parameter
     saved first, until the kept parameters are within ``target``."""
     at = [0] * len(ladders)
     kept = sum(l.params[0] for l in ladders)
@@ -121,7 +121,7 @@ def greedy_descent(ladders: list[Ladder], weights: dict[int, float], target: flo
                 continue
             saved = ladder.params[at[i]] - ladder.params[at[i] + 1]
             extra = ladder.errors[at[i] + 1] - ladder.errors[at[i]]
-            cost = weights[ladder.layer] * max(extra, 0.0) / max(saved, 1)
+            cost = max(extra, 0.0) / max(saved, 1)
             if cost < best_cost:
                 best, best_cost = i, cost
         if best is None:
@@ -134,19 +134,21 @@ def greedy_descent(ladders: list[Ladder], weights: dict[int, float], target: flo
 def refit_ladders(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool,
                   grams: Grams, maps: Maps, ridge: float, floor: float = 0.1,
                   steps: int = 16) -> pd.DataFrame:
-    """Every ladder as a table (layer, kind, option, params, error, keep, weight): it does
-    not depend on the target, so one table serves every target sparsity."""
+    """Every ladder as a table (layer, kind, option, params, error, keep): it does not
+    depend on the target, so one table serves every target sparsity."""
     rows = []
     for layer in range(shape.num_layers):
-        scale, weight = layer_scale(grams, maps, layer), 1.0
-        ladders = [mlp_ladder(scores, shape, layer, grams(layer, "mlp"), *maps(layer, "mlp"),
-                              ridge, floor, steps, scale)]
+        g = {kind: grams(layer, kind) for kind in ("mlp", "attn")}         # read once
+        m = {kind: maps(layer, kind) for kind in ("mlp", "attn")}
+        scale = layer_scale(g, m)
+        ladders = [mlp_ladder(scores, shape, layer, g["mlp"], *m["mlp"], ridge, floor, steps,
+                              scale)]
         if prune_attention:
-            ladders.append(attn_ladder(scores, shape, layer, grams(layer, "attn"),
-                                       *maps(layer, "attn"), ridge, scale))
+            ladders.append(attn_ladder(scores, shape, layer, g["attn"], *m["attn"], ridge,
+                                       scale))
         for ladder in ladders:
             rows += [{"layer": layer, "kind": ladder.kind, "option": i, "params": p,
-                      "error": e, "keep": k, "weight": weight}
+                      "error": e, "keep": k}
                      for i, (p, e, k) in enumerate(zip(ladder.params, ladder.errors,
                                                         ladder.keeps))]
     return pd.DataFrame(rows)
@@ -156,12 +158,10 @@ def ladder_fractions(table: pd.DataFrame, scores: pd.DataFrame, shape: ModelShap
                      sparsity: float) -> tuple[Fractions, list]:
     """Keep fractions at ``sparsity`` from a ladder table (``refit_ladders``) and the chosen
     (layer, kind, keep fraction, error) per ladder."""
-    ladders, weights = [], {}
-    for (layer, kind), rows in table.sort_values("option").groupby(["layer", "kind"], sort=True):
-        ladders.append(Ladder(int(layer), str(kind), rows.params.astype(int).tolist(),
-                              rows.error.tolist(), rows.keep.tolist()))
-        weights[int(layer)] = float(rows.weight.iloc[0])
-    at = greedy_descent(ladders, weights, (1.0 - sparsity) * prunable_params(shape))
+    ladders = [Ladder(int(layer), str(kind), rows.params.astype(int).tolist(),
+                      rows.error.tolist(), rows.keep.tolist())
+               for (layer, kind), rows in table.sort_values("option").groupby(["layer", "kind"])]
+    at = greedy_descent(ladders, (1.0 - sparsity) * prunable_params(shape))
     mlp = {l.layer: l.keeps[i] for l, i in zip(ladders, at) if l.kind == "mlp"}
     attn = {l.layer: l.keeps[i] for l, i in zip(ladders, at) if l.kind == "attn"}
     sizes = module_sizes(scores)
