@@ -11,8 +11,9 @@ from gprune.configs.base import StageConfig
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-class CaptureConfig(StageConfig):
-    """What to run through the dense model and how the statistics are defined.
+class CalibrationPass(StageConfig):
+    """Which calibration tokens run through the dense model, and where: the fields the
+    capture and the gram stages share, so with equal values both see the same tokens.
 
     ``device`` and ``batch_size`` are execution settings: they do not change the
     statistics (beyond float rounding), so ``device`` is left out of the artifact key.
@@ -22,9 +23,6 @@ class CaptureConfig(StageConfig):
     n_sequences: int = Field(32, gt=0, description="sequences sampled from the source")
     seq_len: int = Field(512, gt=0, description="tokens per sequence")
     batch_size: int = Field(4, gt=0, description="sequences per forward pass")
-    tau_act: float = Field(0.5, gt=0, allow_inf_nan=False,
-                           description="a channel is active at a token when |x_c| > tau_act * "
-                                       "RMS over the channels of that input vector")
     seed: int = Field(0, ge=0, description="seed of the sequence sampler")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
@@ -51,3 +49,11 @@ class CaptureConfig(StageConfig):
     @property
     def requested_tokens(self) -> int:
         return self.n_sequences * self.seq_len
+
+
+class CaptureConfig(CalibrationPass):
+    """A calibration pass and how the capture statistics are defined."""
+
+    tau_act: float = Field(0.5, gt=0, allow_inf_nan=False,
+                           description="a channel is active at a token when |x_c| > tau_act * "
+                                       "RMS over the channels of that input vector")
