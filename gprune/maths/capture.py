@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gprune.errors import GpruneError
+from gprune.maths.hooked import HookedPass, feed_batches
 from gprune.maths.moments import ChannelMoments, CosineSum, Workspace, default_chunk_elements
 from gprune.maths.native import capture_kernels
 from gprune.models.adapters import FamilyAdapter
@@ -45,14 +45,14 @@ class NonFiniteActivationError(GpruneError):
     """A NaN or inf reached a hooked activation."""
 
 
-class ActivationCapture:
+class ActivationCapture(HookedPass):
     """Context manager: hooks in place inside ``with``; feed batches with ``forward``."""
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, tau_act: float = 0.5):
-        self.model = model
+        device = next(model.parameters()).device
+        super().__init__(model, device)
         self.adapter = adapter
         self.layers = adapter.decoder_layers(model)
-        device = next(model.parameters()).device
         self.workspace = Workspace(device)
         # one fused pass per activation on a CPU (float32); the torch path otherwise
         self.kernels = capture_kernels() if device.type == "cpu" else None
@@ -64,64 +64,20 @@ class ActivationCapture:
                      for layer in self.layers],
         }
         self.cosines = [CosineSum(device) for _ in self.layers]
-        self.tokens = 0
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._rows: torch.Tensor | None = None   # flat indices of the non-padding tokens
-        self._feeding = False
         self._last_output: tuple = (None, None)   # previous layer: output, token norms
 
-    # ---- hook lifetime -----------------------------------------------------
-    def __enter__(self) -> "ActivationCapture":
-        try:
-            for index, layer in enumerate(self.layers):
-                self._track(layer.register_forward_hook(partial(self._on_layer, index),
-                                                        with_kwargs=True))
-                for kind, module in (("attn", self.adapter.attn_output(layer)),
-                                     ("mlp", self.adapter.mlp_output(layer))):
-                    self._track(module.register_forward_pre_hook(
-                        partial(self._on_channels, self.moments[kind][index])))
-        except BaseException:
-            self.remove_hooks()
-            raise
-        return self
+    # ---- hooks (their lifetime and the batch feeding: HookedPass) --------------
+    def _register(self) -> None:
+        for index, layer in enumerate(self.layers):
+            self._track(layer.register_forward_hook(partial(self._on_layer, index),
+                                                    with_kwargs=True))
+            for kind, module in (("attn", self.adapter.attn_output(layer)),
+                                 ("mlp", self.adapter.mlp_output(layer))):
+                self._track(module.register_forward_pre_hook(
+                    partial(self._on_channels, self.moments[kind][index])))
 
-    def __exit__(self, *exc_info) -> None:
-        self.remove_hooks()
-
-    def _track(self, handle: torch.utils.hooks.RemovableHandle) -> None:
-        self._handles.append(handle)
-
-    def remove_hooks(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    # ---- feeding -------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-        """Run the decoder body on one batch (B, T); return the non-padding tokens it added."""
-        if not self._handles:
-            raise RuntimeError("ActivationCapture.forward needs the hooks: use it inside `with`")
-        device = self.workspace.device
-        mask = attention_mask.to(device=device, dtype=torch.bool)            # (B, T)
-        kept_columns = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 0
-        if kept_columns == 0:
-            return 0
-        # trailing all-padding columns cannot influence earlier tokens of a causal model
-        mask = mask[:, :kept_columns]
-        input_ids = input_ids[:, :kept_columns].to(device)
-        flat = mask.reshape(-1)                                               # (B*T,)
-        self._rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # (n,)
-        self._feeding = True
-        try:
-            self.model.base_model(input_ids=input_ids, attention_mask=mask.long(),
-                                  use_cache=False)
-        finally:
-            self._feeding = False
-            self._rows = None
-            self._last_output = (None, None)
-        added = int(flat.sum())
-        self.tokens += added
-        return added
+    def _end_batch(self) -> None:
+        self._last_output = (None, None)
 
     def _chunks(self, hidden: torch.Tensor, rows_per_chunk: int,
                 buffer: str) -> Iterator[torch.Tensor]:
@@ -296,18 +252,14 @@ def capture_statistics(model: nn.Module, adapter: FamilyAdapter, input_ids: torc
     Raises NonFiniteActivationError naming the layer (and ``label``, the source) as soon
     as a batch brings a NaN or inf into any hooked activation of a real token.
     """
-    n_rows = int(input_ids.shape[0])
-    bar = tqdm(total=int(attention_mask.sum()), unit="tok", disable=not progress,
-               desc=f"capture {label}".strip())
-    with ActivationCapture(model, adapter, tau_act) as capture, bar:
-        for start in range(0, n_rows, batch_size):
-            stop = start + batch_size
-            bar.update(capture.forward(input_ids[start:stop], attention_mask[start:stop]))
-            bad = capture.first_non_finite()
-            if bad is not None:
-                where = f" of source {label!r}" if label else ""
-                raise NonFiniteActivationError(
-                    f"NaN or inf in the {bad[1]} of layer {bad[0]}{where}; check the model "
-                    "weights and load the model in float32")
+    where = f" of source {label!r}" if label else ""
+
+    def error(layer: int, what: str) -> Exception:
+        return NonFiniteActivationError(f"NaN or inf in the {what} of layer {layer}{where}; "
+                                        "check the model weights and load the model in float32")
+
+    with ActivationCapture(model, adapter, tau_act) as capture:
+        feed_batches(capture, input_ids, attention_mask, batch_size,
+                     f"capture {label}".strip(), progress, error)
         return CaptureResult(capture.channel_frame(), capture.layer_frame(), capture.tokens,
                              "+".join(sorted(capture.paths_used)) or "none")

@@ -32,9 +32,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gprune.errors import GpruneError
+from gprune.maths.hooked import HookedPass, feed_batches
 from gprune.models.adapters import FamilyAdapter
 
 KINDS = ("mlp", "attn")
@@ -96,7 +96,7 @@ class GramSum:
         return torch.triu(self._acc) + torch.triu(self._acc, 1).T              # (d+1, d+1)
 
 
-class GramCapture:
+class GramCapture(HookedPass):
     """Context manager: hooks in place inside ``with``; feed batches with ``forward``.
 
     ``leaf``: diagonal blocks narrower than 2 * leaf are one full addmm (``add_upper``).
@@ -104,62 +104,20 @@ class GramCapture:
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, leaf: int = LEAF,
                  chunk_elements: int | None = None):
-        self.model = model
+        super().__init__(model, next(model.parameters()).device)
         self.layers = adapter.decoder_layers(model)
-        self.device = next(model.parameters()).device
         self.leaf = leaf
         self.chunk_elements = chunk_elements or default_chunk_elements(self.device)
         self.modules = {"mlp": [adapter.mlp_output(layer) for layer in self.layers],
                         "attn": [adapter.attn_output(layer) for layer in self.layers]}
         self.sums = {kind: [GramSum(m.in_features, self.device, leaf) for m in modules]
                      for kind, modules in self.modules.items()}
-        self.tokens = 0
         self._blocks: dict[int, torch.Tensor] = {}   # width d -> reused (rows, d+1) block
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._rows: torch.Tensor | None = None       # flat indices of the non-padding tokens
-        self._feeding = False
 
-    def __enter__(self) -> "GramCapture":
-        try:
-            for kind in KINDS:
-                for module, gram in zip(self.modules[kind], self.sums[kind]):
-                    self._handles.append(module.register_forward_pre_hook(
-                        partial(self._on_input, gram)))
-        except BaseException:
-            self.remove_hooks()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove_hooks()
-
-    def remove_hooks(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-        """Run the decoder body on one batch (B, T); return the non-padding tokens it added."""
-        if not self._handles:
-            raise RuntimeError("GramCapture.forward needs the hooks: use it inside `with`")
-        mask = attention_mask.to(device=self.device, dtype=torch.bool)        # (B, T)
-        if not bool(mask.any()):
-            return 0
-        # trailing all-padding columns cannot influence earlier tokens of a causal model
-        width = int(mask.any(0).nonzero().max()) + 1
-        mask = mask[:, :width]
-        flat = mask.reshape(-1)                                               # (B*T,)
-        self._rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # (n,)
-        self._feeding = True
-        try:
-            self.model.base_model(input_ids=input_ids[:, :width].to(self.device),
-                                  attention_mask=mask.long(), use_cache=False)
-        finally:
-            self._feeding = False
-            self._rows = None
-        added = int(flat.sum())
-        self.tokens += added
-        return added
+    def _register(self) -> None:
+        for kind in KINDS:
+            for module, gram in zip(self.modules[kind], self.sums[kind]):
+                self._track(module.register_forward_pre_hook(partial(self._on_input, gram)))
 
     def _buffer(self, width: int) -> torch.Tensor:
         """The reused (capacity, d+1) float64 C-contiguous block of width d; last column 1."""
@@ -221,15 +179,10 @@ def accumulate_grams(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.
     Raises NonFiniteGramError naming the layer, the kind and ``label`` (the source) as soon
     as a batch brings a NaN or inf into a Gram.
     """
-    bar = tqdm(total=int(attention_mask.sum()), unit="tok", disable=not progress,
-               desc=f"gram {label}".strip())
-    with GramCapture(model, adapter, leaf) as capture, bar:
-        for start in range(0, int(input_ids.shape[0]), batch_size):
-            stop = start + batch_size
-            bar.update(capture.forward(input_ids[start:stop], attention_mask[start:stop]))
-            bad = capture.first_non_finite()
-            if bad is not None:
-                raise NonFiniteGramError(non_finite_message(bad[0], bad[1], label))
+    with GramCapture(model, adapter, leaf) as capture:
+        feed_batches(capture, input_ids, attention_mask, batch_size, f"gram {label}".strip(),
+                     progress, lambda layer, kind: NonFiniteGramError(
+                         non_finite_message(layer, kind, label)))
         return GramResult(capture, capture.tokens)
 
 
