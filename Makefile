@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt requirements/cpu.txt requirements/pip.t
 	$(PYTHON) scripts/check_lock.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --require-hashes -r requirements/pip.txt
-	$(PIP) install -q --require-hashes -r requirements/cpu.txt
+	$(PIP) install -q --no-compile --require-hashes -r requirements/cpu.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -1,7 +1,9 @@
 """The ``gprune`` Prefect flow: every stage, chained as tasks that exchange artifact keys.
 
     corpus (mapped) -> capture (mapped over sources) -> stats -> partition -> score
-      (+ gram, mapped over sources, when a method needs Gram statistics)
+      (+ gram, mapped over sources, when a method needs Gram statistics: each capture
+       then accumulates its source's Grams in the same forward pass, and the gram tasks
+       only reuse them unless the captures were cached or the gram is forced)
       -> for each method: path (learned once)
       -> for each method and target sparsity: allocate -> surgery
       -> perplexity, choice, speed (the dense model, then each checkpoint, one at a time)
@@ -49,14 +51,18 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
                 ref.family, len(config.methods), len(config.sparsities), root)
 
     corpora = _corpora(config, root)
+    companions = _gram_configs(config)
     capture_keys = stages.capture.map(
         [config.capture_config(s) for s in config.sources], unmapped(root),
         unmapped(config.model), unmapped(ref.fingerprint), [corpora[s] for s in config.sources],
-        force=unmapped(config.forced("capture")))
+        force=unmapped(config.forced("capture")),
+        gram=[companions.get(s) if not config.forced("gram") else None
+              for s in config.sources])
     stats_key = stages.stats.submit(StatsConfig(), root, capture_keys,
                                     force=config.forced("stats"))
     plans, checkpoints, gram_keys = _targets(
-        config, root, stats_key, lambda: _grams(config, root, ref.fingerprint, corpora))
+        config, root, stats_key,
+        lambda: _grams(config, root, ref.fingerprint, corpora, companions, capture_keys))
     result = {"store": root, "stats": stats_key.result(),
               "plans": {name: f.result() for name, f in plans.items()},
               "checkpoints": {name: f.result() for name, f in checkpoints.items()}}
@@ -80,15 +86,26 @@ def _corpora(config: PipelineConfig, root: str) -> dict:
     return dict(zip(names, futures))
 
 
-def _grams(config: PipelineConfig, root: str, fingerprint: str, corpora: dict) -> dict:
-    """One gram task per calibration source (the capture's tokens) when any method needs
-    Gram statistics (``"gram" in method.needs``): source -> future; {} otherwise."""
+def _gram_configs(config: PipelineConfig) -> dict[str, GramConfig]:
+    """source -> the gram config of its capture's tokens, when any method needs Gram
+    statistics (``"gram" in method.needs``); {} otherwise."""
     if not any("gram" in method.needs for method in config.method_objects()):
         return {}
+    return {s: GramConfig.from_capture(config.capture_config(s)) for s in config.sources}
+
+
+def _grams(config: PipelineConfig, root: str, fingerprint: str, corpora: dict,
+           companions: dict[str, GramConfig], capture_keys) -> dict:
+    """One gram task per calibration source: source -> future; {} when no method needs
+    Grams. They wait for the captures, which accumulate the Grams in their own forward
+    pass when they run (a gram task then reuses them); else a gram task computes them."""
+    if not companions:
+        return {}
     futures = stages.gram.map(
-        [GramConfig.from_capture(config.capture_config(s)) for s in config.sources],
+        [companions[s] for s in config.sources],
         unmapped(root), unmapped(config.model), unmapped(fingerprint),
-        [corpora[s] for s in config.sources], force=unmapped(config.forced("gram")))
+        [corpora[s] for s in config.sources], force=unmapped(config.forced("gram")),
+        wait_for=list(capture_keys))
     return dict(zip(config.sources, futures))
 
 

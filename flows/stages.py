@@ -41,12 +41,14 @@ def corpus(config: CorpusConfig, store_root: str, stamp: str, force: bool = Fals
 
 @task(name="capture", task_run_name="capture-{config.source}", **STAGE_TASK)
 def capture(config: CaptureConfig, store_root: str, model: str, model_fingerprint: str,
-            corpus_key: str, force: bool = False) -> str:
-    """``model_fingerprint`` only identifies the weights behind the ``model`` spec."""
+            corpus_key: str, force: bool = False, gram: Optional[GramConfig] = None) -> str:
+    """``model_fingerprint`` only identifies the weights behind the ``model`` spec;
+    ``gram``: also store that gram artifact from the same forward pass (when not stored)."""
     from tasks.capture import run_capture
 
     return run_cached("capture", store_root,
-                      lambda s: run_capture(config, s, model, corpus_key, force=force))
+                      lambda s: run_capture(config, s, model, corpus_key, force=force,
+                                            gram=gram))
 
 
 @task(name="gram", task_run_name="gram-{config.source}", **STAGE_TASK)

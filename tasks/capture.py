@@ -18,21 +18,28 @@ Files of a capture artifact:
 Manifest extra: source, tokens (real), requested_tokens, family, model_path, device,
 statistics_path ("compiled": the fused CPU kernels of gprune.maths.native; "torch": the
 pure-torch reference path, used on GPUs, for non-float32 models and without a C compiler).
+
+With a companion gram config (``run_capture(..., gram=...)``, what the flow passes when a
+method needs Grams) the same forward pass also stores that source's gram artifact.
 """
 from __future__ import annotations
 
 import logging
 import warnings
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from artifacts.store import ArtifactStore
 from gprune.configs.capture import CaptureConfig
-from gprune.errors import GpruneError
+from gprune.configs.gram import GramConfig
+from gprune.errors import ConfigError, GpruneError
+from gprune.maths.calibrate import capture_with_grams
 from gprune.maths.capture import capture_statistics
 from gprune.models.loader import load_model, resolve_device, resolve_model
 from tasks.base import run_stage, stage_spec
+from tasks.gram import gram_stored, store_grams
 
 log = logging.getLogger("gprune")
 
@@ -49,10 +56,17 @@ class ShortSourceWarning(UserWarning):
 
 
 def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_key: str,
-                force: bool = False) -> str:
-    """Capture one source's activation statistics; return the capture artifact key."""
+                force: bool = False, gram: Optional[GramConfig] = None) -> str:
+    """Capture one source's activation statistics; return the capture artifact key.
+
+    ``gram`` (the companion config, ``GramConfig.from_capture``): when the capture is built
+    and that gram artifact is not stored yet, the same forward pass accumulates the Grams
+    too and stores them as the gram stage would (same key), saving the gram stage's pass.
+    """
     ref = resolve_model(model)
     spec = stage_spec(ref.fingerprint, {"corpus": corpus_key}, config.params())
+    if gram is not None:
+        check_companion(gram, config)
 
     def build(out) -> None:
         from gprune.data.corpus import sample_sequences
@@ -64,8 +78,12 @@ def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_
         input_ids, attention_mask = sample_sequences(texts, tokenizer, config.n_sequences,
                                                      config.seq_len, config.seed)
         tokens = check_token_count(int(attention_mask.sum()), config)
-        result = capture_statistics(dense, adapter, input_ids, attention_mask,
-                                    config.batch_size, config.tau_act, label=config.source)
+        args = (dense, adapter, input_ids, attention_mask, config.batch_size, config.tau_act)
+        if gram is None or gram_stored(store, gram, ref, corpus_key):
+            result = capture_statistics(*args, label=config.source)
+        else:
+            result, grams = capture_with_grams(*args, label=config.source)
+            store_grams(store, grams, gram, ref, corpus_key, device, dense, adapter)
         assert result.tokens == tokens, (result.tokens, tokens)
         write_table(result.channels, CHANNELS_SCHEMA, out.file("channels.parquet"))
         write_table(result.layers, LAYERS_SCHEMA, out.file("layers.parquet"))
@@ -75,6 +93,13 @@ def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_
                           "statistics_path": result.statistics_path})
 
     return run_stage(store, "capture", spec, build, force)
+
+
+def check_companion(gram: GramConfig, capture: CaptureConfig) -> None:
+    """A gram config accumulated in the capture's pass must select the capture's tokens."""
+    if gram != GramConfig.from_capture(capture, storage_dtype=gram.storage_dtype):
+        raise ConfigError(f"gram config {gram.params()} does not select the tokens of capture "
+                          f"config {capture.params()}; build it with GramConfig.from_capture")
 
 
 def check_token_count(tokens: int, config: CaptureConfig) -> int:

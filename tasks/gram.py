@@ -35,14 +35,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from artifacts.store import Artifact, ArtifactStore, file_sha256
+from artifacts.store import Artifact, ArtifactStore, artifact_key, file_sha256
 from gprune.configs.gram import GramConfig
 from gprune.errors import ArtifactError, ConfigError, CorruptArtifactError
-from gprune.maths.gram import (KINDS, NonFiniteGramError, accumulate_grams, describe_cost,
-                               gram_bytes, gram_dims, gram_flops_per_token,
+from gprune.maths.gram import (KINDS, GramResult, NonFiniteGramError, accumulate_grams,
+                               describe_cost, gram_bytes, gram_dims, gram_flops_per_token,
                                non_finite_message)
 from gprune.models.loader import load_model, resolve_device, resolve_model
-from tasks.base import run_stage, stage_spec
+from tasks.base import intact, run_stage, stage_spec
 
 log = logging.getLogger("gprune")
 STAGE = "gram"
@@ -58,33 +58,57 @@ def run_gram(config: GramConfig, store: ArtifactStore, model: str, corpus_key: s
              force: bool = False) -> str:
     """Accumulate one source's Gram matrices; return the gram artifact key."""
     ref = resolve_model(model)
-    spec = stage_spec(ref.fingerprint, {"corpus": corpus_key}, config.params())
 
     def build(out) -> None:
         device = resolve_device(config.device)
         dense, tokenizer, adapter = load_model(ref, device)
         input_ids, attention_mask, tokens = calibration_tokens(store, corpus_key, tokenizer,
                                                                config)
-        dims = gram_dims(dense, adapter)
-        log.info("gram %s: %s", config.source, describe_cost(dims, config.storage_dtype))
+        log.info("gram %s: %s", config.source,
+                 describe_cost(gram_dims(dense, adapter), config.storage_dtype))
         result = accumulate_grams(dense, adapter, input_ids, attention_mask,
                                   config.batch_size, label=config.source)
         assert result.tokens == tokens, (result.tokens, tokens)
-        layers = [write_layer(out.file(layer_file(i)), result.layer(i), i, config)
-                  for i in range(result.num_layers)]
-        files = sum(out.file(layer_file(i)).stat().st_size for i in range(len(layers)))
-        out.extra.update({
-            "source": config.source, "tokens": tokens,
-            "requested_tokens": config.requested_tokens, "model_path": str(ref.path),
-            "family": ref.family, "device": device,
-            "shape": dataclasses.asdict(adapter.shape(dense.config)), "dims": dims,
-            "storage_dtype": config.storage_dtype, "accumulation": "float64",
-            "update_flops_per_token": gram_flops_per_token(dims), "bytes": files,
-            "memory_bytes": gram_bytes(dims, 8), "layers": layers})
-        log.info("gram %s: %d tokens, %d layers, %.1f MB on disk (%s)", config.source, tokens,
-                 len(layers), files / 1e6, config.storage_dtype)
+        write_grams(out, result, config, ref, device, dense, adapter)
 
-    return run_stage(store, STAGE, spec, build, force)
+    return run_stage(store, STAGE, gram_spec(config, ref, corpus_key), build, force)
+
+
+def gram_spec(config: GramConfig, ref, corpus_key: str) -> dict:
+    """What a gram artifact depends on (``ref``: the resolved model)."""
+    return stage_spec(ref.fingerprint, {"corpus": corpus_key}, config.params())
+
+
+def store_grams(store: ArtifactStore, result: GramResult, config: GramConfig, ref,
+                corpus_key: str, device: str, dense, adapter) -> str:
+    """Store Grams accumulated elsewhere (the capture's joint pass) as the gram artifact
+    this config would build: same key, same files; an intact stored one is kept."""
+    return run_stage(store, STAGE, gram_spec(config, ref, corpus_key),
+                     lambda out: write_grams(out, result, config, ref, device, dense, adapter))
+
+
+def gram_stored(store: ArtifactStore, config: GramConfig, ref, corpus_key: str) -> bool:
+    """Whether the gram artifact of this config is stored and intact."""
+    return intact(store, STAGE, artifact_key(STAGE, gram_spec(config, ref, corpus_key)))
+
+
+def write_grams(out, result: GramResult, config: GramConfig, ref, device: str, dense,
+                adapter) -> None:
+    """Write every layer's Grams and the manifest extra into the pending artifact ``out``."""
+    dims = gram_dims(dense, adapter)
+    layers = [write_layer(out.file(layer_file(i)), result.layer(i), i, config)
+              for i in range(result.num_layers)]
+    files = sum(out.file(layer_file(i)).stat().st_size for i in range(len(layers)))
+    out.extra.update({
+        "source": config.source, "tokens": result.tokens,
+        "requested_tokens": config.requested_tokens, "model_path": str(ref.path),
+        "family": ref.family, "device": device,
+        "shape": dataclasses.asdict(adapter.shape(dense.config)), "dims": dims,
+        "storage_dtype": config.storage_dtype, "accumulation": "float64",
+        "update_flops_per_token": gram_flops_per_token(dims), "bytes": files,
+        "memory_bytes": gram_bytes(dims, 8), "layers": layers})
+    log.info("gram %s: %d tokens, %d layers, %.1f MB on disk (%s)", config.source,
+             result.tokens, len(layers), files / 1e6, config.storage_dtype)
 
 
 def calibration_tokens(store: ArtifactStore, corpus_key: str, tokenizer, config: GramConfig):

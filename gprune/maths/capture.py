@@ -25,7 +25,7 @@ import contextlib
 import ctypes
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -180,6 +180,10 @@ class ActivationCapture(HookedPass):
                 }))
         return pd.concat(parts, ignore_index=True)
 
+    def result(self) -> "CaptureResult":
+        return CaptureResult(self.channel_frame(), self.layer_frame(), self.tokens,
+                             "+".join(sorted(self.paths_used)) or "none")
+
     def layer_frame(self) -> pd.DataFrame:
         """One row per decoder layer: cosine_sum, cosine_count."""
         return pd.DataFrame({
@@ -252,14 +256,17 @@ def capture_statistics(model: nn.Module, adapter: FamilyAdapter, input_ids: torc
     Raises NonFiniteActivationError naming the layer (and ``label``, the source) as soon
     as a batch brings a NaN or inf into any hooked activation of a real token.
     """
+    with ActivationCapture(model, adapter, tau_act) as capture:
+        feed_batches(capture, input_ids, attention_mask, batch_size,
+                     f"capture {label}".strip(), progress, non_finite_error(label))
+        return capture.result()
+
+
+def non_finite_error(label: str) -> Callable[[int, str], Exception]:
+    """(layer, what) -> the error naming them and the source ``label``."""
     where = f" of source {label!r}" if label else ""
 
     def error(layer: int, what: str) -> Exception:
         return NonFiniteActivationError(f"NaN or inf in the {what} of layer {layer}{where}; "
                                         "check the model weights and load the model in float32")
-
-    with ActivationCapture(model, adapter, tau_act) as capture:
-        feed_batches(capture, input_ids, attention_mask, batch_size,
-                     f"capture {label}".strip(), progress, error)
-        return CaptureResult(capture.channel_frame(), capture.layer_frame(), capture.tokens,
-                             "+".join(sorted(capture.paths_used)) or "none")
+    return error

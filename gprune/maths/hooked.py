@@ -6,7 +6,8 @@ trailing all-padding columns cut off (a causal model's earlier tokens cannot see
 sets ``_rows`` (flat indices of the real tokens; None when there is no padding) and
 ``_feeding`` for the hooks while the batch runs, and counts the real tokens.
 ``feed_batches`` drives a pass over all calibration rows with a progress bar and stops
-at the first batch that brings a NaN or inf (``first_non_finite``).
+at the first batch that brings a NaN or inf (``first_non_finite``). ``JointPass`` runs
+several passes (the capture's moments and the Grams) on one forward per batch.
 """
 from __future__ import annotations
 
@@ -70,18 +71,71 @@ class HookedPass:
         width = int(mask.any(0).nonzero().max()) + 1
         mask = mask[:, :width]
         flat = mask.reshape(-1)                                               # (B*T,)
-        self._rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # (n,)
-        self._feeding = True
+        self._feed(None if bool(flat.all()) else flat.nonzero().squeeze(1))   # (n,)
         try:
             self.model.base_model(input_ids=input_ids[:, :width].to(self.device),
                                   attention_mask=mask.long(), use_cache=False)
         finally:
-            self._feeding = False
-            self._rows = None
-            self._end_batch()
+            self._stop_feeding()
         added = int(flat.sum())
-        self.tokens += added
+        self._count(added)
         return added
+
+    def _feed(self, rows: Optional[torch.Tensor]) -> None:
+        """The hooks see a batch from now on; ``rows``: its real tokens (None: all)."""
+        self._rows = rows
+        self._feeding = True
+
+    def _stop_feeding(self) -> None:
+        self._feeding = False
+        self._rows = None
+        self._end_batch()
+
+    def _count(self, tokens: int) -> None:
+        self.tokens += tokens
+
+
+class JointPass(HookedPass):
+    """Several passes over one model fed by one forward per batch (their hooks all run).
+
+    ``first_non_finite`` reports the first part (in the given order) that saw a NaN/inf;
+    ``failed`` is then that part's index, so the caller can name what failed."""
+
+    def __init__(self, parts: list[HookedPass]):
+        if not parts or any(p.model is not parts[0].model for p in parts):
+            raise ValueError("JointPass needs at least one pass, all on the same model")
+        super().__init__(parts[0].model, parts[0].device)
+        self.parts = parts
+        self.failed: Optional[int] = None
+
+    def _register(self) -> None:
+        for part in self.parts:
+            part._register()
+            self._handles.extend(part._handles)   # the joint pass owns (and removes) them
+            part._handles = []
+
+    def _feed(self, rows: Optional[torch.Tensor]) -> None:
+        super()._feed(rows)
+        for part in self.parts:
+            part._feed(rows)
+
+    def _stop_feeding(self) -> None:
+        super()._stop_feeding()
+        for part in self.parts:
+            part._stop_feeding()
+
+    def _count(self, tokens: int) -> None:
+        super()._count(tokens)
+        for part in self.parts:
+            part._count(tokens)
+
+    def first_non_finite(self) -> Optional[tuple[int, str]]:
+        for index, part in enumerate(self.parts):
+            bad = part.first_non_finite()
+            if bad is not None:
+                self.failed = index
+                return bad
+        return None
 
 
 def feed_batches(hooked: HookedPass, input_ids: torch.Tensor, attention_mask: torch.Tensor,
