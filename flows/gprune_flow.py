@@ -136,7 +136,8 @@ def _targets(config: PipelineConfig, root: str, stats_key,
             plans[name] = stages.allocate.submit(
                 config.allocate_config(method, sparsity), root, scores[method.label],
                 stats_key, method.label, method.reconstruct,
-                force=config.forced("allocate"), path_key=paths[method.label])
+                force=config.forced("allocate"), path_key=paths[method.label],
+                gram_keys=grams if method.kl_check else None)
     checkpoints = {name: stages.surgery.submit(
         config.surgery_config(by_name[name]), root, plan, stats_key,
         force=config.forced("surgery"),

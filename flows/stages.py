@@ -102,12 +102,13 @@ def path(config: AllocateConfig, store_root: str, score_key: str, stats_key: str
 @task(name="allocate", task_run_name="allocate-{method}-{config.sparsity}", **STAGE_TASK)
 def allocate(config: AllocateConfig, store_root: str, score_key: str, stats_key: str,
              method: str, reconstruct: str, force: bool = False,
-             path_key: Optional[str] = None) -> str:
+             path_key: Optional[str] = None, gram_keys: Optional[list[str]] = None) -> str:
+    """``gram_keys``: the calibration sources' Grams (``config.kl_check``)."""
     from tasks.allocate import run_allocate
 
     return run_cached("allocate", store_root, lambda s: run_allocate(
         config, s, score_key, stats_key, method=method, reconstruct=reconstruct,
-        force=force, path_key=path_key))
+        force=force, path_key=path_key, gram_keys=list(gram_keys) if gram_keys else None))
 
 
 @task(name="surgery", **STAGE_TASK)

@@ -78,6 +78,8 @@ def _allocate(p):
     _learning(p)
     p.add_argument("--sparsity", type=float, required=True)
     p.add_argument("--path", help="path key (allocators that read a learned path)")
+    p.add_argument("--gram", nargs="+", help="gram keys, one per calibration source "
+                                             "(methods with kl_check; see `gprune stage gram`)")
     _method(p, "; its allocator, reconstruction and label are used")
 
 
@@ -88,7 +90,7 @@ def _surgery(p):
                                              "(reconstruct=lsq; see `gprune stage gram`)")
     p.add_argument("--reconstruct", choices=["none", "bias", "lsq"],
                    help="default: the plan's (its method's) reconstruction")
-    p.add_argument("--ridge", type=float, default=1e-2, help="lsq damping")
+    p.add_argument("--ridge", type=float, default=1e-3, help="lsq damping")
     p.add_argument("--device", default="auto")
 
 
@@ -213,7 +215,8 @@ def _allocate_config(args, sparsity: float):
     method = build_method(args.method)
     config = AllocateConfig.build(sparsity=sparsity, allocator=method.allocator,
                                   prune_attention=not args.no_attention, steps=args.steps,
-                                  ridge=method.ridge, device=args.device)
+                                  ridge=method.ridge, kl_check=method.kl_check,
+                                  device=args.device)
     return method, config
 
 
@@ -231,7 +234,7 @@ def _run_allocate(args, store):
     method, config = _allocate_config(args, args.sparsity)
     return run_allocate(config, store, args.score, args.stats, method=method.label,
                         reconstruct=method.reconstruct, force=args.force,
-                        path_key=args.path)
+                        path_key=args.path, gram_keys=args.gram)
 
 
 def _run_surgery(args, store):

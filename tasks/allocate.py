@@ -34,17 +34,23 @@ def stats_shape(stats: Artifact) -> ModelShape:
 
 def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, stats_key: str,
                  method: str = "gprune", reconstruct: str = "none",
-                 force: bool = False, path_key: str | None = None) -> str:
+                 force: bool = False, path_key: str | None = None,
+                 gram_keys: list[str] | None = None) -> str:
     """The plan of one target; ``path_key``: the path stage's artifact (allocators that
-    use a path need it, the others refuse one)."""
+    use a path need it, the others refuse one); ``gram_keys``: the calibration sources'
+    Grams (``config.kl_check`` needs them)."""
     stats = store.read(stats_key, stage="stats")
     score = store.read(score_key, stage="score")
     shape = stats_shape(stats)
     check_target(shape, config.sparsity, config.mlp_floor, config.prune_attention)
     chosen = allocator(config.allocator)
     _check_path(chosen, path_key)
+    if config.kl_check and not gram_keys:
+        raise ConfigError("kl_check refits candidate plans from Gram statistics: run `gprune "
+                          "stage gram` for every calibration source and pass --gram KEY...")
     params = {**config.key_params(), "method": method, "reconstruct": reconstruct}
-    inputs = {"score": score_key, "stats": stats_key, **({"path": path_key} if path_key else {})}
+    inputs = {"score": score_key, "stats": stats_key, **({"path": path_key} if path_key else {}),
+              **({"grams": sorted(gram_keys)} if config.kl_check else {})}
     spec = stage_spec(stats.manifest["model"], inputs, params)
 
     def build(out):
@@ -56,6 +62,9 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
             learning=lambda: learning_inputs(config, store, stats)))
         alloc = project(fractions, shape, config.sparsity, config.mlp_floor, config.prune_attention)
         plan = _plan(config, stats, scores, alloc, shape, method, reconstruct, score_key)
+        if config.kl_check:
+            plan = _checked(plan, config, store, stats, scores, shape, method, reconstruct,
+                            score_key, gram_keys, out.extra)
         _check_budget(plan)
         plan.write(out.path)
         _module_table(fractions, alloc, shape).to_parquet(out.file("modules.parquet"), index=False)
@@ -95,6 +104,33 @@ def _plan(config, stats, scores, alloc, shape, method, reconstruct, score_key):
         reconstruct=reconstruct,
         extra={"allocator": config.allocator, "calibration_sources": stats.extra["sources"],
                "stats_key": stats.key, "score_key": score_key})
+
+
+def _checked(plan, config, store, stats, scores, shape, method, reconstruct, score_key,
+             gram_keys, extra: dict) -> PruningPlan:
+    """``plan`` or the uniform MLP-only plan, whichever has the lower KL to dense after
+    the lsq refit (``gprune.maths.plan_check``); records both KLs in ``extra``."""
+    from gprune.maths.allocate import uniform_fractions
+    from gprune.maths.plan_check import calibration_kl, choose_plan, pruned_copy
+    from gprune.maths.surgery import lsq_fits
+    from tasks.path import gram_reader
+
+    try:
+        reference = _plan(config, stats, scores, project(
+            uniform_fractions(scores, shape, config.sparsity, False), shape, config.sparsity,
+            config.mlp_floor, False), shape, method, reconstruct, score_key)
+    except (ConfigError, ValueError) as err:     # the target needs heads removed
+        extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
+        return plan
+    dense, adapter, batches = learning_inputs(config.check_config(), store, stats)
+    fits = lsq_fits(gram_reader(store, gram_keys), config.ridge, [])
+    chosen, record = choose_plan(plan, reference, lambda p: calibration_kl(
+        dense, pruned_copy(dense, adapter, p, fits), batches))
+    log.info("allocate %s at %.2f: KL to dense %.4f (plan) vs %.4f (uniform MLP-only): "
+             "kept the %s", method, config.sparsity, record["candidate"], record["reference"],
+             "plan" if record["chosen"] == "candidate" else "uniform MLP-only plan")
+    extra["kl_check"] = record
+    return chosen
 
 
 def _check_grid(config: AllocateConfig, grid: list[float]) -> None:

@@ -136,8 +136,9 @@ def test_lsq_surgery_equals_its_refit_reference(family):
 def test_refit_error_allocation_meets_budget_and_beats_uniform_mlp_only(family):
     from gprune.maths.allocate import project
     from gprune.maths.partition import partition_units
-    from gprune.maths.refit_allocate import error_after_refit, layer_scale, mlp_kept
-    from gprune.maths.refit_allocate import ladder_fractions, refit_ladders
+    from gprune.maths.fisher import output_fisher
+    from gprune.maths.refit_allocate import error_after_refit, ladder_fractions, mlp_kept
+    from gprune.maths.refit_allocate import refit_ladders
     from gprune.maths.score import score_units
     from tests.synthetic import random_units
 
@@ -153,18 +154,19 @@ def test_refit_error_allocation_meets_budget_and_beats_uniform_mlp_only(family):
     scores, _ = score_units(units, partition_units(units, 1, "wanda_sp"), "wanda_sp",
                             "wanda_sp", gate=False)
     sparsity = 0.3
-    table = refit_ladders(scores, shape, True, lambda l, k: grams[(l, k)], maps, 1e-2)
+    ids = torch.randint(0, 256, (4, 24), generator=GEN)
+    fisher = output_fisher(dense, adapter, [(ids, torch.ones_like(ids))])
+    weights = lambda l, k: fisher[l][k]                                           # noqa: E731
+    table = refit_ladders(scores, shape, True, lambda l, k: grams[(l, k)], maps, weights, 1e-2)
     fractions, chosen = ladder_fractions(table, scores, shape, sparsity)
     alloc = project(fractions, shape, sparsity, 0.1, True)
     assert abs(1 - alloc.kept_params(shape) / plan_params(shape) - sparsity) < 0.01
-    scales = {l: layer_scale({k: grams[(l, k)] for k in ("mlp", "attn")},
-                             {k: maps(l, k) for k in ("mlp", "attn")})
-              for l in range(shape.num_layers)}
     ours = sum(e for _l, _k, _f, e in chosen)
     mlp_share = shape.num_layers * shape.intermediate * shape.params_per_channel
     uniform = 1 - sparsity * plan_params(shape) / mlp_share     # MLP-only, every head kept
     baseline = sum(error_after_refit(*maps(l, "mlp"), grams[(l, "mlp")],
-                                     mlp_kept(scores, l, uniform, 0.1), 1e-2, scales[l])
+                                     mlp_kept(scores, l, uniform, 0.1), 1e-2,
+                                     weights(l, "mlp"))
                    for l in range(shape.num_layers))
     assert ours <= baseline * 1.0001
 
@@ -208,7 +210,8 @@ def test_lsq_surgery_stage_checkpoint_reloads_and_equals_its_reference(store, tm
     assert artifact.extra["reconstruct"] == "lsq" and len(artifact.extra["refit"]) == 6
     grams = {(l, k): pooled_gram(store, [gram], l, k) for l in range(3) for k in ("mlp", "attn")}
     ids = ids_for(4)
-    reference = logits(refit_reference(dense, plan, grams, 1e-2), ids)
+    ridge = SurgeryConfig().ridge                                 # the stage's default
+    reference = logits(refit_reference(dense, plan, grams, ridge), ids)
     remote = AutoModelForCausalLM.from_pretrained(artifact.file(MODEL_DIR),
                                                   trust_remote_code=True).eval()
     assert (logits(remote, ids) - reference).abs().max().item() < 1e-4

@@ -31,7 +31,15 @@ class AllocateConfig(StageConfig):
     batch_size: int = Field(2, ge=1)
     path_grid: tuple[float, ...] = Field(DEFAULT_GRID, min_length=1,
                                          description="targets the learned path trains on")
-    ridge: float = Field(1e-2, gt=0, le=10, description="refit damping (refit_error allocator)")
+    ridge: float = Field(1e-3, gt=0, le=10, description="refit damping (refit_error allocator, "
+                                                        "kl_check)")
+    kl_check: bool = Field(False, description="measure the plan's KL to dense after the lsq "
+                           "refit on held-apart calibration batches; keep the uniform MLP-only "
+                           "plan instead when its KL is lower (needs Gram statistics)")
+    check_sequences: int = Field(8, ge=1, description="kl_check: calibration sequences (drawn "
+                                 "with seed + 1: not the learning batches, not the Gram's)")
+    check_seq_len: int = Field(512, ge=8, description="kl_check: tokens per sequence (as long "
+                               "as the evaluation's windows: heads matter more with context)")
     seed: int = 0
     device: str = "auto"
 
@@ -69,9 +77,17 @@ class AllocateConfig(StageConfig):
             params["steps"] = self.learn_steps
         from gprune.methods.allocators import allocator
 
-        if not allocator(self.allocator).needs_gram:
+        if not self.kl_check:
+            for name in ("kl_check", "check_sequences", "check_seq_len"):
+                params.pop(name)
+        if not (allocator(self.allocator).needs_gram or self.kl_check):
             params.pop("ridge")
         return params
+
+    def check_config(self) -> "AllocateConfig":
+        """The settings of kl_check's batches (``tasks.learning.learning_inputs``)."""
+        return self.model_copy(update={"n_sequences": self.check_sequences,
+                                       "seq_len": self.check_seq_len, "seed": self.seed + 1})
 
     def learn_settings(self) -> dict:
         """Settings of a learning allocator (LearnSettings / PathSettings fields)."""

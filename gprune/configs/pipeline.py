@@ -110,7 +110,7 @@ class PipelineConfig(StageConfig):
     def allocate_config(self, method: Method, sparsity: float) -> AllocateConfig:
         return AllocateConfig(sparsity=sparsity, allocator=method.allocator, ridge=method.ridge,
                               prune_attention=self.prune_attention, steps=self.allocator_steps,
-                              seed=self.seed, device=self.device)
+                              kl_check=method.kl_check, seed=self.seed, device=self.device)
 
     def surgery_config(self, method: Method) -> SurgeryConfig:
         return SurgeryConfig(reconstruct=method.reconstruct, ridge=method.ridge,

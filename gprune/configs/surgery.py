@@ -22,7 +22,7 @@ class SurgeryConfig(StageConfig):
     dtype: the dtype the model is loaded, sliced and saved in."""
 
     reconstruct: Optional[Reconstruct] = None
-    ridge: float = Field(1e-2, gt=0, le=10)
+    ridge: float = Field(1e-3, gt=0, le=10)
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

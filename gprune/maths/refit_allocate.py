@@ -5,16 +5,16 @@ after the least-squares refit (``gprune.maths.refit``) is computed in closed for
 the Gram for a ladder of keep counts: MLP channels at ``steps`` fractions between the
 floor and 1 (the kept set at each count is the best-scored units of each module, as
 ``harden`` picks them), attention at every GQA-feasible head configuration (heads chosen
-as ``select_heads`` would). A layer's MLP and attention errors add in the same residual
-stream, so each output dimension's error is divided by that dimension's dense output
-energy (MLP plus attention) before summing: layers compare, and the few dimensions with
-massive activations (whose energy dwarfs the rest) do not decide a layer's weight (a
-whole-layer energy did: it sent layers 11, 28 and 29 of SmolLM2 to the floor and
-tripled the held-out perplexity). A greedy descent then
-removes, one ladder step at a time, whatever costs the least weighted error per parameter
-saved, until the budget is met; ``project`` makes the counts exact.
+as ``select_heads`` would). Each output dimension's residual is weighted by the loss's
+sensitivity to that dimension of that projection's output (the diagonal Fisher of
+``gprune.maths.fisher``), so an error is priced in units of loss: layers and kinds
+compare. A greedy descent then removes, one ladder step at a time, whatever costs the
+least weighted error per parameter saved, until the budget is met; ``project`` makes
+the counts exact. (Two earlier weightings, by the layer's whole output energy and by each
+dimension's output energy, sent layers of SmolLM2 to the MLP floor and did worse than
+the learned path: a projection's own output scale does not say what its error costs.)
 
-Pure: weights, Grams and scores come in as tensors/DataFrames; shapes in comments.
+Pure: weights, Grams, Fisher and scores come in as tensors/DataFrames; shapes in comments.
 """
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ import torch
 from gprune.maths.allocate import Fractions, module_sizes, top_units
 from gprune.maths.budget import feasible_head_counts, mlp_floor, select_heads
 from gprune.maths.plan import prunable_params
-from gprune.maths.refit import dense_map, lsq_refit, output_energy, residual_per_output
+from gprune.maths.refit import dense_map, lsq_refit, residual_per_output
 from gprune.maths.surgery import head_channels
 from gprune.models.adapters import ModelShape
 
 Grams = Callable[[int, str], torch.Tensor]                 # (layer, kind) -> (d+1, d+1)
 Maps = Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]]  # -> (W, b)
+Weights = Callable[[int, str], torch.Tensor]              # (layer, kind) -> (hidden,) Fisher
 
 
 @dataclass
@@ -58,31 +59,31 @@ def mlp_kept(scores: pd.DataFrame, layer: int, fraction: float, floor: float) ->
 
 
 def error_after_refit(w: torch.Tensor, b: torch.Tensor | None, gram: torch.Tensor,
-                      keep: torch.Tensor, ridge: float, scale: torch.Tensor) -> float:
-    """The refit's error, each output dimension divided by ``scale`` (out,) and summed."""
+                      keep: torch.Tensor, ridge: float, weight: torch.Tensor) -> float:
+    """The refit's error, each output dimension times ``weight`` (out,), summed."""
     if keep.numel() == 0:                                       # nothing kept, not even bias
         a = dense_map(w, b)                                     # (out, d+1)
         s = torch.tensor([a.shape[1] - 1])
         per_output = residual_per_output(a, gram.to(a), a[:, -1:], s)
     else:
         per_output = lsq_refit(w, b, gram, keep, ridge, condition=False).per_output
-    return float((per_output / scale.to(per_output)).sum())
+    return float((per_output * weight.to(per_output)).sum())
 
 
 def mlp_ladder(scores, shape: ModelShape, layer: int, gram, w, b, ridge: float,
-               floor: float, steps: int, scale: torch.Tensor) -> Ladder:
+               floor: float, steps: int, weight: torch.Tensor) -> Ladder:
     top = [1.0 - i / steps for i in range(steps + 1)]
     fractions = sorted({max(f, floor) for f in top}, reverse=True)
     params, errors = [], []
     for f in fractions:
         keep = mlp_kept(scores, layer, f, floor)
         params.append(int(keep.numel()) * shape.params_per_channel)
-        errors.append(error_after_refit(w, b, gram, keep, ridge, scale))
+        errors.append(error_after_refit(w, b, gram, keep, ridge, weight))
     return Ladder(layer, "mlp", params, errors, fractions)
 
 
 def attn_ladder(scores, shape: ModelShape, layer: int, gram, w, b, ridge: float,
-                scale: torch.Tensor) -> Ladder:
+                weight: torch.Tensor) -> Ladder:
     raw = scores[(scores.layer == layer) & (scores.kind == "attn")].sort_values("unit")
     head_scores = raw.raw.to_numpy(dtype=float)                          # (heads,)
     configs = sorted(feasible_head_counts(shape), key=lambda gr: (-gr[0] * gr[1], -gr[0]))
@@ -94,19 +95,9 @@ def attn_ladder(scores, shape: ModelShape, layer: int, gram, w, b, ridge: float,
         heads, _ = select_heads(head_scores, shape.group_size, groups, per_group)
         keep = head_channels(heads, shape.head_dim)
         params.append(shape.layer_params(0, groups * per_group, groups))
-        errors.append(error_after_refit(w, b, gram, keep, ridge, scale))
+        errors.append(error_after_refit(w, b, gram, keep, ridge, weight))
         keeps.append(groups * per_group / shape.heads)
     return Ladder(layer, "attn", params, errors, keeps)
-
-
-def layer_scale(grams: dict[str, torch.Tensor], maps: dict[str, tuple]) -> torch.Tensor:
-    """(hidden,) per residual-stream dimension, the dense layer's output energy (MLP plus
-    attention; ``grams``/``maps`` by kind): errors are measured relative to it dimension by
-    dimension, so the few dimensions with massive activations do not decide every layer's
-    weight."""
-    energy = sum(output_energy(dense_map(*maps[kind]), grams[kind])
-                 for kind in ("mlp", "attn"))                               # (hidden,)
-    return energy.clamp_min(energy.mean() * 1e-6)
 
 
 def greedy_descent(ladders: list[Ladder], target: float) -> list[int]:
@@ -132,20 +123,19 @@ def greedy_descent(ladders: list[Ladder], target: float) -> list[int]:
 
 
 def refit_ladders(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool,
-                  grams: Grams, maps: Maps, ridge: float, floor: float = 0.1,
-                  steps: int = 16) -> pd.DataFrame:
+                  grams: Grams, maps: Maps, weights: Weights, ridge: float,
+                  floor: float = 0.1, steps: int = 16) -> pd.DataFrame:
     """Every ladder as a table (layer, kind, option, params, error, keep): it does not
     depend on the target, so one table serves every target sparsity."""
     rows = []
     for layer in range(shape.num_layers):
         g = {kind: grams(layer, kind) for kind in ("mlp", "attn")}         # read once
         m = {kind: maps(layer, kind) for kind in ("mlp", "attn")}
-        scale = layer_scale(g, m)
         ladders = [mlp_ladder(scores, shape, layer, g["mlp"], *m["mlp"], ridge, floor, steps,
-                              scale)]
+                              weights(layer, "mlp"))]
         if prune_attention:
             ladders.append(attn_ladder(scores, shape, layer, g["attn"], *m["attn"], ridge,
-                                       scale))
+                                       weights(layer, "attn")))
         for ladder in ladders:
             rows += [{"layer": layer, "kind": ladder.kind, "option": i, "params": p,
                       "error": e, "keep": k}

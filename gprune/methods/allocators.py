@@ -17,6 +17,7 @@ import pandas as pd
 
 from gprune.errors import ConfigError
 from gprune.maths.allocate import Fractions, flap_fractions, uniform_fractions
+from gprune.maths.fisher import output_fisher
 from gprune.maths.learned import LearnSettings, learn_fractions
 from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
 from gprune.maths.refit_allocate import ladder_fractions, refit_ladders
@@ -123,9 +124,10 @@ class LearnedPath(Allocator):
 
 @register_allocator
 class RefitError(Allocator):
-    """Spend the budget where the least-squares refit leaves the least error: heads and
-    MLP channels compared by their measured effect (``gprune.maths.refit_allocate``). Its
-    path is the table of every layer's error ladder: computed once, read at any target."""
+    """Spend the budget where the least-squares refit leaves the least error, priced by
+    the loss's Fisher (``gprune.maths.fisher``) on the calibration batches: heads and MLP
+    channels compared by their measured effect (``gprune.maths.refit_allocate``). Its path
+    is the table of every layer's error ladder: computed once, read at any target."""
 
     name = "refit_error"
     uses_path = True
@@ -137,15 +139,17 @@ class RefitError(Allocator):
         if inputs.grams is None:
             raise ConfigError("the refit_error allocator needs Gram statistics: run the gram "
                               "stage for the calibration sources first and pass their keys")
-        model, adapter, _ = inputs.learning()
+        model, adapter, batches = inputs.learning()
         layers = adapter.decoder_layers(model)
+        fisher = output_fisher(model, adapter, batches)     # per layer {kind: (hidden,)}
 
         def maps(layer: int, kind: str):
             out = (adapter.mlp_output if kind == "mlp" else adapter.attn_output)(layers[layer])
             return out.weight, out.bias
 
         table = refit_ladders(inputs.scores, inputs.shape, inputs.prune_attention,
-                              inputs.grams, maps, inputs.ridge)
+                              inputs.grams, maps, lambda layer, kind: fisher[layer][kind],
+                              inputs.ridge)
         return table, []
 
     @classmethod

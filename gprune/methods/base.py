@@ -53,7 +53,7 @@ class ReconstructionParams(MethodParams):
     """Parameters of a method's weight reconstruction (override ``reconstruct``'s default)."""
 
     reconstruct: Reconstruct = reconstruct_field("none")
-    ridge: float = Field(1e-2, gt=0, le=10,
+    ridge: float = Field(1e-3, gt=0, le=10,
                          description="lsq damping, relative to the kept Gram's mean diagonal")
 
 
@@ -79,6 +79,9 @@ class Method:
             message = first["msg"].removeprefix("Value error, ")
             raise ConfigError(f"method {self.name}: parameter {where}: {message}; "
                               f"parameters: {', '.join(self.Params.model_fields)}") from None
+        if self.kl_check and self.reconstruct != "lsq":
+            raise ConfigError(f"method {self.name}: kl_check compares plans after the lsq "
+                              "refit; set reconstruct=lsq or kl_check=false")
         if self.reconstruct == "lsq" or allocator_class(self.allocator).needs_gram:
             self.needs = self.needs | {"gram"}   # this instance's needs
         missing = self.needs - STATISTICS
@@ -134,7 +137,12 @@ class Method:
 
     @property
     def ridge(self) -> float:
-        return getattr(self.params, "ridge", 1e-2)
+        return getattr(self.params, "ridge", 1e-3)
+
+    @property
+    def kl_check(self) -> bool:
+        """Whether the allocate stage checks the plan against the uniform MLP-only plan."""
+        return getattr(self.params, "kl_check", False)
 
     @property
     def serves_all_targets(self) -> bool:

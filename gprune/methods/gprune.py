@@ -5,8 +5,11 @@ per-source ranks, sensitivity and magnitude), scored inside their module by the
 activation metric averaged over sources (layer-normalized, so no source dominates),
 with a reliability gate that falls back to weight scores for modules whose activation
 signal is both unstable across sources and weak; allocation by a learned path of
-keep fractions (one learning run serves every target). Ablations are parameters:
-``gprune:k=1`` (no partition), ``gprune:gate=false``, ``gprune:allocator=uniform``.
+keep fractions (one learning run serves every target), kept only when, refit by least
+squares, it is no worse in KL to dense on held-apart calibration tokens than the uniform
+MLP-only plan (``kl_check``; docs/METHOD_NOTES.md). Ablations are parameters:
+``gprune:k=1`` (no partition), ``gprune:gate=false``, ``gprune:allocator=uniform``,
+``gprune:kl_check=false``.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ class GpruneParams(ReconstructionParams):
     q_m: float = Field(0.25, gt=0, lt=1, description="gate: magnitude quantile")
     allocator: AllocatorName = Field("learned_path", description="gprune.methods.allocators name")
     reconstruct: Reconstruct = reconstruct_field("lsq")
+    kl_check: bool = Field(True, description="keep the uniform MLP-only plan (same refit) "
+                           "when the allocator's plan has a higher KL to dense on held-apart "
+                           "calibration tokens (allocate stage; needs reconstruct=lsq)")
 
 
 class Gprune(Method):
