@@ -5,7 +5,7 @@ Every method runs through the ``gprune`` flow on the same store, so one calibrat
 capture (and Gram) per source and seed serves all of them and the dense model is
 evaluated once:
 
-- main:      gprune (its default: lsq refit, refit_error allocator), flap, flap+lsq,
+- main:      gprune (its default: lsq refit, learned path, kl_check), flap, flap+lsq,
              wanda_sp, wanda_sp+lsq, magnitude_sp, calibrated on 4 sources pooled, at
              ``--sparsities``, for every seed of ``--seeds`` (calibration resampling);
 - mlp_only:  uniform Wanda-sp pruning MLP channels only (every head kept), with and
