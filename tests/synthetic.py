@@ -1,11 +1,15 @@
-"""Synthetic stats tables with the `units.parquet` schema, for tests of stages 3-5."""
+"""Synthetic test inputs: stats tables with the `units.parquet` schema (stages 3-5) and
+tiny models with a NaN weight, plus the check that a pass left no hook behind."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+import torch
+
 from gprune.methods.importance import activation_criteria
-from gprune.models.adapters import ModelShape
+from gprune.models.adapters import ModelShape, adapter_for
+from gprune.models.tiny import tiny_model
 
 TINY_SHAPE = ModelShape(num_layers=3, hidden=64, intermediate=96, heads=4, kv_heads=2,
                         head_dim=16, gated=True)
@@ -46,3 +50,18 @@ def random_units(shape: ModelShape = TINY_SHAPE, sources: int = 3, seed: int = 0
             per_source[(layer, kind)] = base * rng.lognormal(0.0, 0.5, size=(n, sources))
             weight[(layer, kind)] = rng.lognormal(0.0, 0.3, size=n)
     return units_table(per_source, weight)
+
+
+def nan_model(family: str = "llama"):
+    """(tiny model, adapter) whose layer 1 MLP input projection has one NaN weight, so the
+    input of layer 1's MLP output projection carries NaN."""
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    with torch.no_grad():
+        adapter.mlp_inputs(adapter.decoder_layers(model)[1])[0].weight[3, 5] = float("nan")
+    return model, adapter
+
+
+def no_hooks(model) -> bool:
+    """Whether no forward (pre-)hook is left on any module of ``model``."""
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

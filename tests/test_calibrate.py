@@ -16,15 +16,12 @@ from gprune.maths.capture import NonFiniteActivationError, capture_statistics
 from gprune.maths.gram import accumulate_grams
 from gprune.models.adapters import adapter_for
 from gprune.models.tiny import tiny_model
+from tests.synthetic import nan_model, no_hooks
 from tasks.capture import ShortSourceWarning, run_capture
 from tasks.corpus import run_corpus
 from tasks.gram import read_gram, run_gram
 
 SETTINGS = dict(n_sequences=4, seq_len=160, batch_size=2, device="cpu")
-
-
-def no_hooks(model) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +51,7 @@ def test_joint_pass_equals_the_two_separate_passes(family):
 
 
 def test_a_nan_names_the_activation_and_removes_every_hook():
-    model = tiny_model("llama")
-    adapter = adapter_for(model.config)
-    with torch.no_grad():
-        adapter.mlp_inputs(adapter.decoder_layers(model)[1])[0].weight[3, 5] = float("nan")
+    model, adapter = nan_model()
     ids, mask = padded_batch()
     with pytest.raises(NonFiniteActivationError, match=r"layer 1 of source 'wiki'"):
         capture_with_grams(model, adapter, ids, mask, 2, label="wiki", progress=False)

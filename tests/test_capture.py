@@ -12,6 +12,7 @@ from gprune.maths.capture import (ActivationCapture, NonFiniteActivationError,
 from gprune.maths.moments import ChannelMoments, Workspace
 from gprune.models.adapters import adapter_for
 from gprune.models.tiny import tiny_model
+from tests.synthetic import nan_model, no_hooks
 
 TAU = 0.5
 
@@ -154,19 +155,12 @@ def test_channel_moments_alone_with_chunks():
                                rtol=1e-9)
 
 
-def _no_hooks(model):
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
-
-
 def test_nan_is_an_error_naming_layer_and_source_and_hooks_are_removed(capture_path):
-    model = tiny_model("llama")
-    adapter = adapter_for(model.config)
-    with torch.no_grad():
-        adapter.mlp_inputs(adapter.decoder_layers(model)[1])[0].weight[3, 5] = float("nan")
+    model, adapter = nan_model()
     ids, mask = _tokens()
     with pytest.raises(NonFiniteActivationError, match=r"MLP .* of layer 1 of source 'wiki'"):
         capture_statistics(model, adapter, ids, mask, batch_size=2, label="wiki", progress=False)
-    assert _no_hooks(model)
+    assert no_hooks(model)
 
 
 def test_hooks_removed_on_success_and_error():
@@ -174,14 +168,14 @@ def test_hooks_removed_on_success_and_error():
     adapter = adapter_for(model.config)
     ids, mask = _tokens()
     with ActivationCapture(model, adapter) as capture:
-        assert not _no_hooks(model)
+        assert not no_hooks(model)
         assert capture.forward(ids[2:4], mask[2:4]) == 10 + 5
         assert capture.forward(ids[4:], mask[4:]) == 0   # all padding: nothing runs
-    assert _no_hooks(model)
+    assert no_hooks(model)
     with pytest.raises(RuntimeError, match="boom"):
         with ActivationCapture(model, adapter):
             raise RuntimeError("boom")
-    assert _no_hooks(model)
+    assert no_hooks(model)
     with pytest.raises(RuntimeError, match="inside `with`"):
         ActivationCapture(model, adapter).forward(ids, mask)
 

@@ -18,6 +18,7 @@ from gprune.maths.gram import (GramCapture, NonFiniteGramError, accumulate_grams
 from gprune.models.adapters import adapter_for
 from gprune.models.loader import resolve_model
 from gprune.models.tiny import tiny_model
+from tests.synthetic import nan_model, no_hooks
 from tasks.capture import ShortSourceWarning, run_capture
 from tasks.corpus import run_corpus
 from tasks.gram import check_gram_matches, pooled_gram, read_gram, run_gram
@@ -55,10 +56,6 @@ class Recorder:
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol,
                                atol=rtol * float(want.abs().max()))
-
-
-def no_hooks(model) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +157,7 @@ def test_padding_chunks_and_triangular_updates(leaf):
 
 
 def test_nan_is_an_error_naming_layer_kind_and_source_and_hooks_are_removed():
-    model = tiny_model("llama")
-    adapter = adapter_for(model.config)
-    with torch.no_grad():
-        adapter.mlp_inputs(adapter.decoder_layers(model)[1])[0].weight[3, 5] = float("nan")
+    model, adapter = nan_model()
     ids, mask = torch.randint(0, 256, (4, 16)), torch.ones(4, 16, dtype=torch.long)
     with pytest.raises(NonFiniteGramError, match=r"mlp Gram .* of layer 1 of source 'wiki'"):
         accumulate_grams(model, adapter, ids, mask, 2, label="wiki", progress=False)

@@ -98,11 +98,6 @@ def residual_per_output(a: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
     return (full - 2 * cross + kept).clamp_min(0.0)
 
 
-def output_energy(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """(out,) mean square of each output dimension of the dense map: diag(A G A^T)."""
-    return (a @ g.to(a) * a).sum(1)
-
-
 def bias_refit(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FLAP bias compensation: (W[:, keep] (out, k), b + W[:, removed] @ mean[removed])."""
