@@ -29,6 +29,7 @@ STAGE_HELP = {
     "choice": "stage 7: multiple-choice accuracy of a checkpoint per task",
     "speed": "stage 7: prefill/decode tokens/s of a checkpoint (pruned: vs its dense source)",
     "report": "stage 7: table, Markdown report and plots over evaluations",
+    "export": "a checkpoint as a llama.cpp GGUF (also: gprune export gguf)",
 }
 
 
@@ -55,7 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("keys", nargs="*", metavar="KEY", help="artifact keys (default: all)")
     verify.add_argument("--quarantine", action="store_true",
                         help="move corrupt artifacts to <store>/.quarantine/")
+    _add_export(sub.add_parser("export", help="write a checkpoint for an inference engine"))
     return parser
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    gguf = formats.add_parser("gguf", help="a GGUF file for llama.cpp (deci architecture, "
+                                           "per-layer MLP widths and head counts)")
+    gguf.add_argument("checkpoint", help="a pruned checkpoint folder, a surgery artifact key, "
+                                         "or a dense Llama-family model (folder or spec)")
+    gguf.add_argument("--outtype", default="f16",
+                      help="f32, f16 or q8_0 (default: f16)")
+    gguf.add_argument("-o", "--output", help="the GGUF file to write (default: "
+                                             "./<checkpoint name>-<outtype>.gguf)")
+
+
+def cmd_export(args) -> int:
+    from gprune.export.cli import export_command
+
+    print(export_command(args.checkpoint, args.outtype, args.output))
+    return 0
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             from gprune import cli_stages
 
             return cli_stages.run(args)
-        return {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify}[args.command](args)
+        return {"ls": cmd_ls, "export": cmd_export, "show": cmd_show, "verify": cmd_verify}[args.command](args)
     except GpruneError as err:
         print(f"gprune: error: {err}", file=sys.stderr)
         return 2
