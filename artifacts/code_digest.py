@@ -46,6 +46,7 @@ STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "perplexity": ("tasks.perplexity",),
     "choice": ("tasks.choice",),
     "speed": ("tasks.speed",),
+    "export": ("tasks.export",),
     "report": ("tasks.report",),
 }
 

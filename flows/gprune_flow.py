@@ -5,7 +5,8 @@
        then accumulates its source's Grams in the same forward pass, and the gram tasks
        only reuse them unless the captures were cached or the gram is forced)
       -> for each method: path (learned once)
-      -> for each method and target sparsity: allocate -> surgery
+      -> for each method and target sparsity: allocate -> surgery (-> export: a GGUF
+         for llama.cpp, with ``export`` set)
       -> perplexity, choice, speed (the dense model, then each checkpoint, one at a time)
       -> report -> publish
 
@@ -66,6 +67,10 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
     result = {"store": root, "stats": stats_key.result(),
               "plans": {name: f.result() for name, f in plans.items()},
               "checkpoints": {name: f.result() for name, f in checkpoints.items()}}
+    if config.export_config() is not None:
+        result["exports"] = {name: stages.export.submit(
+            config.export_config(), root, f, force=config.forced("export")).result()
+            for name, f in checkpoints.items()}
     if gram_keys:
         result["gram_keys"] = {source: f.result() for source, f in gram_keys.items()}
     if config.evaluate:

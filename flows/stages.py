@@ -18,6 +18,7 @@ from gprune.configs.allocate import AllocateConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
+from gprune.configs.export import ExportConfig
 from gprune.configs.gram import GramConfig
 from gprune.configs.partition import PartitionConfig
 from gprune.configs.perplexity import PerplexityConfig
@@ -148,6 +149,14 @@ def speed(config: SpeedConfig, store_root: str, model: str, model_fingerprint: s
     from tasks.speed import run_speed
 
     return run_cached("speed", store_root, lambda s: run_speed(config, s, model, force=force))
+
+
+@task(name="export", **STAGE_TASK)
+def export(config: ExportConfig, store_root: str, model: str, force: bool = False) -> str:
+    """A surgery checkpoint (``model``: its key) as a GGUF file for llama.cpp."""
+    from tasks.export import run_export
+
+    return run_cached("export", store_root, lambda s: run_export(config, s, model, force=force))
 
 
 @task(name="report", **STAGE_TASK)

@@ -131,6 +131,11 @@ def _speed(p):
                                 "--decode-tokens": "decode_tokens", "--repeats": "repeats"})
 
 
+def _export(p):
+    p.add_argument("--model", required=True, help="a surgery key or a dense model spec")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"])
+
+
 def _report(p):
     p.add_argument("--evals", nargs="+", required=True,
                    help="perplexity, choice and speed keys (any mix; one per stage and model)")
@@ -139,7 +144,7 @@ def _report(p):
 ADDERS = {"corpus": _corpus, "capture": _capture, "gram": _gram, "stats": _stats,
           "partition": _partition,
           "score": _score, "path": _path, "allocate": _allocate, "surgery": _surgery,
-          "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report}
+          "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report, "export": _export}
 
 
 def run(args) -> int:
@@ -287,9 +292,16 @@ def _run_report(args, store):
     return run_report(ReportConfig(), store, args.evals, force=args.force)
 
 
+def _run_export(args, store):
+    from gprune.configs.export import ExportConfig
+    from tasks.export import run_export
+
+    return run_export(ExportConfig(outtype=args.outtype), store, args.model, force=args.force)
+
+
 RUNNERS = {"corpus": _run_corpus, "capture": _run_capture, "gram": _run_gram,
            "stats": _run_stats,
            "partition": _run_partition, "score": _run_score, "path": _run_path,
            "allocate": _run_allocate,
            "surgery": _run_surgery, "perplexity": _run_perplexity, "choice": _run_choice,
-           "speed": _run_speed, "report": _run_report}
+           "speed": _run_speed, "report": _run_report, "export": _run_export}

@@ -16,6 +16,7 @@ from gprune.configs.base import StageConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
+from gprune.configs.export import ExportConfig
 from gprune.configs.perplexity import PerplexityConfig
 from gprune.configs.speed import SpeedConfig
 from gprune.configs.surgery import SurgeryConfig
@@ -23,7 +24,7 @@ from gprune.errors import ConfigError
 from gprune.methods.registry import Method, MethodSpec, build_method
 
 STAGES = ("corpus", "capture", "gram", "stats", "partition", "score", "path", "allocate",
-          "surgery", "perplexity", "choice", "speed", "report")
+          "surgery", "perplexity", "choice", "speed", "report", "export")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
 _PPL, _CHOICE = PerplexityConfig.model_fields, ChoiceConfig.model_fields
@@ -61,6 +62,9 @@ class PipelineConfig(StageConfig):
     mc_limit: int = Field(_CHOICE["mc_limit"].default, ge=1,
                           description="examples per task (GPU: e.g. 1000)")
     speed: bool = Field(False, description="time prefill/decode (pruned interleaved with dense)")
+    export: Optional[Literal["f32", "f16", "q8_0"]] = Field(
+        None, description="also write each checkpoint as a llama.cpp GGUF of this type "
+                          "(stage export; Llama family)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
     seed: int = Field(0, description="seed of every sampled choice")
     force: list[str] = Field(default_factory=list,
@@ -134,6 +138,10 @@ class PipelineConfig(StageConfig):
         return SpeedConfig.build(prefill_tokens=self.eval_seq_len, device=self.device,
                                  seed=self.seed)
 
+    def export_config(self) -> Optional[ExportConfig]:
+        """None unless ``export`` names a GGUF type (the flow then exports nothing)."""
+        return ExportConfig(outtype=self.export) if self.export else None
+
 
 def preflight(config: PipelineConfig):
     """Resolve the model and validate every choice against it; returns (ModelRef, ModelShape)."""
@@ -161,6 +169,9 @@ def preflight(config: PipelineConfig):
         for sparsity in config.sparsities:
             check_target(shape, sparsity, 0.1, config.prune_attention)
     config.perplexity_config(), config.choice_config(), config.speed_config()
+    if config.export and ref.family not in ("llama",):
+        raise ConfigError(f"--export: GGUF export supports the Llama family (SmolLM2) only; "
+                          f"{config.model} is {ref.family}")
     return ref, shape
 
 

@@ -1,0 +1,15 @@
+"""Config of the ``export`` stage: a surgery checkpoint as a llama.cpp GGUF file."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from gprune.configs.base import StageConfig
+
+
+class ExportConfig(StageConfig):
+    """``outtype``: f32 (exact), f16 (half the size; 1-D tensors stay f32) or q8_0 (8-bit
+    blocks of 32; MLP widths zero-padded to multiples of 32, exactly)."""
+
+    outtype: Literal["f32", "f16", "q8_0"] = Field("f16", description="GGUF tensor type")
