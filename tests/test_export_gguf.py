@@ -13,6 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from gprune.cli import main
+from gprune.errors import ConfigError
+from gprune.export.tokenizer import pre_tokenizer_name
 from gprune.maths.gguf_layout import interleave_order, pad_mlp
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.maths.surgery import apply_plan, bias_fits
@@ -127,7 +129,28 @@ def test_tokenizer_round_trip(checkpoints, tmp_path):
     text = "the theme: then 42 other things"
     expected = AutoTokenizer.from_pretrained(checkpoints[0])(text)["input_ids"]
     assert any(i >= 260 for i in expected)          # the merges are used
-    assert llama_cpp_model(out).tokenize(text.encode(), add_bos=False) == expected
+    assert llama_cpp_model(out).tokenize(text.encode(), add_bos=False, special=True) == expected
+
+
+def test_byte_tokenizer_without_merges_round_trips(tmp_path):
+    """The tiny models' byte tokenizer has no merges; the one written (which can never
+    apply) must leave llama.cpp's tokenization equal to HF's."""
+    folder = save_tiny_model("llama", tmp_path / "tiny")
+    out = tmp_path / "tiny.gguf"
+    assert export(folder, out) == 0
+    text = "byte by byte: 42 \u00e9t\u00e9 <s>"
+    expected = AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+    assert llama_cpp_model(out).tokenize(text.encode(), add_bos=False, special=True) == expected
+
+
+def test_pre_tokenizer_names():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name(byte_level) == "gpt-2"
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [digits, byte_level]}) \
+        == "smollm"
+    with pytest.raises(ConfigError, match="no llama.cpp"):
+        pre_tokenizer_name({"type": "Metaspace"})
 
 
 def test_q8_0_pads_mlp_widths_and_loads(checkpoints, tmp_path):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 
 from artifacts.store import QUARANTINE, ArtifactStore
@@ -145,6 +146,24 @@ def test_one_more_target_reuses_shared_stages(first_run, tmp_path, monkeypatch):
     assert "parity acc" in report and "decode tok/s" in report
     speed = ArtifactStore(store_root).read(result["evals"]["gprune@0.4"]["speed"])
     assert "decode_speedup" in set(pd.read_parquet(speed.file("results.parquet"))["name"])
+
+
+def test_export_stage_writes_gguf_that_llama_cpp_runs(first_run):
+    """``export``: each checkpoint as a GGUF artifact (upstream cached), whose logits in
+    llama.cpp equal the checkpoint's in transformers (tiny byte tokenizer, no merges)."""
+    from tests.test_export_gguf import hf_logits, llama_cpp_logits
+
+    store_root, first, _ = first_run
+    result, states = run_flow(store_root, sparsities=[0.2], export="f32", evaluate=False)
+    assert set(states["surgery"]) == {"Cached"} and states["export"] == ["Completed"]
+    store = ArtifactStore(store_root)
+    art = store.read(result["exports"]["gprune@0.2"], stage="export")
+    assert art.extra["outtype"] == "f32" and art.manifest["inputs"]["model"] == \
+        first["checkpoints"]["gprune@0.2"]
+    ids = list(range(40, 52))
+    ref = hf_logits(store.path(first["checkpoints"]["gprune@0.2"]) / "model", ids)
+    got = llama_cpp_logits(art.file("model-f32.gguf"), ids)
+    assert (np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)).max() < 1e-3
 
 
 def test_wiped_prefect_cache_recomputes_nothing(first_run, prefect_api):

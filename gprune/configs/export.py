@@ -9,7 +9,8 @@ from gprune.configs.base import StageConfig
 
 
 class ExportConfig(StageConfig):
-    """``outtype``: f32 (exact), f16 (half the size; 1-D tensors stay f32) or q8_0 (8-bit
-    blocks of 32; MLP widths zero-padded to multiples of 32, exactly)."""
+    """``outtype``: f32 (exact, the checkpoint's widths), f16 (half the size; 1-D tensors
+    stay f32) or q8_0 (8-bit blocks of 32); f16 and q8_0 zero-pad MLP widths to multiples
+    of 32 (exact; ggml's fast matmuls need them)."""
 
     outtype: Literal["f32", "f16", "q8_0"] = Field("f16", description="GGUF tensor type")

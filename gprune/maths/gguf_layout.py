@@ -15,8 +15,8 @@ llama-cpp-python 0.3.36):
 - A layer with ``feed_forward_length`` 0 ``continue``s before adding its attention output to
   the residual, so a layer whose MLP was removed gets a zero-weight MLP of width 1 (output
   exactly 0 + the MLP output bias). Widths are also zero-padded to ``pad_ff`` channels
-  (32 for q8_0, whose blocks need rows that are multiples of 32): zero gate/up rows and zero
-  down columns add exactly nothing.
+  (the export uses 32 for f16 and q8_0: see ``gprune.export.gguf.PAD_FF``): zero gate/up
+  rows and zero down columns add exactly nothing.
 
 HF Llama rotates channel pairs (i, i + d/2) of each head; llama.cpp's "normal" rope (the
 ``deci`` rope type) rotates (2i, 2i + 1). Query and key rows are reordered per head to match.
