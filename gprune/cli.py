@@ -25,11 +25,11 @@ STAGE_HELP = {
     "path": "stage 5a: the learned path of keep fractions that every target reads",
     "allocate": "stage 5b: a pruning plan for one target sparsity",
     "surgery": "stage 6: slice the model to a plan and save the checkpoint",
+    "export": "stage 6b: a checkpoint as a llama.cpp GGUF file (also: gprune export gguf)",
     "perplexity": "stage 7: held-out perplexity per source, size and FLOPs of a checkpoint",
     "choice": "stage 7: multiple-choice accuracy of a checkpoint per task",
     "speed": "stage 7: prefill/decode tokens/s of a checkpoint (pruned: vs its dense source)",
     "report": "stage 7: table, Markdown report and plots over evaluations",
-    "export": "a checkpoint as a llama.cpp GGUF (also: gprune export gguf)",
 }
 
 

@@ -19,7 +19,6 @@ from gprune.export.tokenizer import tokenizer_metadata
 from gprune.maths.gguf_layout import deci_tensors
 
 log = logging.getLogger(__name__)
-ARCH = "deci"
 OUTTYPES = ("f32", "f16", "q8_0")
 FAMILIES = ("llama",)          # gprune adapter names the export supports
 # f16 and q8_0 MLP widths are zero-padded (exactly) to multiples of 32: q8_0 blocks are 32
