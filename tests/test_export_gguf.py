@@ -46,8 +46,8 @@ def merges_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_plan(shape) -> PruningPlan:
     """Layer 0: no attention; 1: every head (GQA 2:1); 2: one KV group (2 heads sharing
-    it) and a one-channel MLP; 3: no attention, full MLP. Four different MLP widths."""
-    rows = [(range(0, 96, 2), []), (range(60), [0, 1, 2, 3]), ([7], [2, 3]), (range(96), [])]
+    it) and no MLP channel left; 3: no attention, full MLP. Four different MLP widths."""
+    rows = [(range(0, 96, 2), []), (range(60), [0, 1, 2, 3]), ([], [2, 3]), (range(96), [])]
     layers = tuple(LayerPlan.from_heads(i, list(mlp), heads, shape)
                    for i, (mlp, heads) in enumerate(rows))
     return PruningPlan("fp", "llama", "test", 0.5, shape, layers)
@@ -113,7 +113,7 @@ def test_pruned_gguf_carries_per_layer_shapes_and_biases(checkpoints, tmp_path):
     reader = gguf.GGUFReader(out)
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields["general.architecture"] == "deci"
-    assert fields["deci.feed_forward_length"] == [48, 60, 1, 96]
+    assert fields["deci.feed_forward_length"] == [48, 60, 1, 96]   # layer 2: one zero channel
     assert fields["deci.attention.head_count"] == [1, 4, 2, 0]      # layer 0: one zero head
     assert fields["deci.attention.head_count_kv"] == [1, 2, 1, 0]
     names = {t.name for t in reader.tensors}
@@ -159,7 +159,7 @@ def test_q8_0_pads_mlp_widths_and_loads(checkpoints, tmp_path):
     out = tmp_path / "pruned-q8.gguf"
     assert export(checkpoints[1], out, "q8_0") == 0
     fields = {n: f.contents() for n, f in gguf.GGUFReader(out).fields.items()}
-    assert fields["deci.feed_forward_length"] == [64, 64, 32, 96]
+    assert fields["deci.feed_forward_length"] == [64, 64, 1, 96]
     got, ref = llama_cpp_logits(out, IDS), hf_logits(checkpoints[1], IDS)
     assert (got.argmax(axis=1) == ref.argmax(axis=1)).mean() > 0.7
 

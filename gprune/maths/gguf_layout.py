@@ -63,7 +63,8 @@ def pad_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
 
 
 def padded_width(n_ff: int, pad_ff: int) -> int:
-    """Channels written for a layer that keeps ``n_ff``: at least 1, a multiple of pad_ff."""
+    """Channels written for a layer that keeps ``n_ff``: 1 for an empty MLP (llama.cpp
+    skips a 0-wide layer's attention output), else ``n_ff`` rounded up to ``pad_ff``."""
     return max(1, -(-n_ff // pad_ff) * pad_ff)
 
 
