@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup lock run test test-all server-up deploy worker server-down
+.PHONY: setup setup-serve lock run test test-all server-up deploy worker server-down
 
 # llama-cpp-python (the `serve` extra, llama.cpp for `gprune export gguf` and its tests) is an
 # sdist: pip builds it once with cmake and g++ (about 9 min on 2 cores) and keeps the wheel in
@@ -29,9 +30,18 @@ $(STAMP): pyproject.toml constraints.txt requirements/cpu.txt requirements/pip.t
 	$(PYTHON) scripts/check_lock.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --require-hashes -r requirements/pip.txt
-	$(LLAMA_BUILD_ENV) $(PIP) install -q --no-compile --require-hashes -r requirements/cpu.txt
+	awk -f scripts/lock_without_serve.awk requirements/cpu.txt > $(VENV)/core-lock.txt
+	$(PIP) install -q --no-compile --require-hashes -r $(VENV)/core-lock.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The serve extra (llama-cpp-python, the lock's own hash-pinned sdist; its dependencies are in
+# the core lock): only `make test` and users of `gprune export gguf` need it, so `make run`
+# does not pay its build.
+$(SERVE_STAMP): $(STAMP)
+	awk -v serve=1 -f scripts/lock_without_serve.awk requirements/cpu.txt > $(VENV)/serve-lock.txt
+	$(LLAMA_BUILD_ENV) $(PIP) install -q --no-deps --require-hashes -r $(VENV)/serve-lock.txt
+	touch $(SERVE_STAMP)
 
 # Re-resolve the lock from pyproject.toml + constraints.txt (then run `make test`).
 LOCKENV := .gprune/lockenv
@@ -45,10 +55,12 @@ lock:
 
 setup: $(STAMP)
 
+setup-serve: $(SERVE_STAMP)
+
 run: setup
 	$(VENV)/bin/gprune run --model smollm2
 
-test: setup
+test: setup-serve
 	$(PY) -m pytest -q -x --durations=15
 	$(PY) scripts/test_oldest_transformers.py
 
