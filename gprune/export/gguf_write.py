@@ -11,7 +11,7 @@ import torch
 ARCH = "deci"
 
 
-def tensor_data(name: str, tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any]:
+def tensor_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any]:
     """(array, raw ggml type or None) for one tensor in ``outtype``.
 
     1-D tensors (norms, biases) stay float32, as llama.cpp's converter writes them; q8_0
@@ -84,7 +84,7 @@ def write_atomic(out: Path, hp: dict, sizes: list, tensors: list, vocab: dict,
         writer = gguf.GGUFWriter(tmp, ARCH)
         add_metadata(writer, hp, sizes, vocab, outtype, name)
         for tname, tensor in tensors:
-            data, raw = tensor_data(tname, tensor, outtype)
+            data, raw = tensor_data(tensor, outtype)
             writer.add_tensor(tname, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
