@@ -36,6 +36,7 @@ def units_table(per_source: dict[tuple[int, str], np.ndarray], weight: dict[tupl
                 row[f"{metric}_rank"] = ranks[unit].tolist()
                 row[f"{metric}_sensitivity"] = sens[unit]
                 row[f"{metric}_magnitude"] = normalized[unit].mean()
+                row[f"{metric}_peak"] = normalized[unit].max()
                 row[f"{metric}_pooled"] = scores[unit].mean()
             rows.append(row)
     return pd.DataFrame(rows)

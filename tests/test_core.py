@@ -164,3 +164,23 @@ def test_gate_needs_two_sources():
         score_units(units, modules, "wanda_sp", "wanda_sp", gate=True)
     scored, _ = score_units(units, modules, "wanda_sp", "wanda_sp", gate=False)
     assert scored.score.between(0, 1).all()
+
+
+def test_peak_aggregate_keeps_a_unit_that_one_source_needs():
+    """``peak``: a unit strong on one source only outranks units that are middling everywhere,
+    which the mean over sources ranks above it; an unknown aggregate is refused by name."""
+    scores = np.array([[1.0, 1.0, 6.0],     # a specialist: low on two sources, top on one
+                       [2.5, 2.5, 2.5],     # middling everywhere
+                       [3.0, 3.0, 0.5],
+                       [0.5, 0.5, 0.5]])
+    units = units_table({(0, "mlp"): scores, (0, "attn"): np.ones((4, 3))},
+                        {(0, "mlp"): np.ones(4), (0, "attn"): np.ones(4)})
+    modules = partition_units(units, 1, "wanda_sp")
+    normalized = scores / scores.mean(axis=0, keepdims=True)
+    by = {agg: score_units(units, modules, "wanda_sp", "wanda_sp", agg, gate=False)[0]
+          .query("kind == 'mlp'").raw.to_numpy() for agg in ("normalized_mean", "peak")}
+    np.testing.assert_allclose(by["normalized_mean"], normalized.mean(1))
+    np.testing.assert_allclose(by["peak"], normalized.max(1))
+    assert by["peak"][0] > by["peak"][1] and by["normalized_mean"][0] < by["normalized_mean"][1]
+    with pytest.raises(ConfigError, match="aggregate must be one of"):
+        score_units(units, modules, "wanda_sp", "wanda_sp", "median", gate=False)

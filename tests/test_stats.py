@@ -69,6 +69,11 @@ def test_mlp_metrics_match_hand_computation():
                                                         (2 / mean_a + 1) / 2, (4 / mean_a + 1) / 2])
     np.testing.assert_allclose(mlp.flap_magnitude, [(10 / (26 / 3) + 10 / (22 / 3)) / 2,
                                                     (16 / (26 / 3) + 12 / (22 / 3)) / 2, 0])
+    # peak: the larger of the two sources' layer-normalized scores (B's wanda scores all 2)
+    np.testing.assert_allclose(mlp.wanda_sp_peak, [max(2 * math.sqrt(2) / mean_a, 1),
+                                                   max(2 / mean_a, 1), max(4 / mean_a, 1)])
+    np.testing.assert_allclose(mlp.flap_peak, [max(10 / (26 / 3), 10 / (22 / 3)),
+                                               max(16 / (26 / 3), 12 / (22 / 3)), 0])
     # pooled over 6 tokens: c0 sum 4, sumsq 10 -> rms sqrt(10/6), var 10/6 - (2/3)^2
     assert mlp.wanda_sp_pooled[0] == pytest.approx(math.sqrt(10 / 6) * 2)
     assert mlp.flap_pooled[0] == pytest.approx((10 / 6 - 4 / 9) * 10)

@@ -19,9 +19,17 @@ from gprune.maths.stats import scaled_rank
 SIGMA_EPS = 1e-9
 
 
+AGGREGATE_COLUMNS = {"normalized_mean": "magnitude", "pooled": "pooled", "peak": "peak"}
+
+
 def activation_column(metric: str, aggregate: str) -> str:
-    """The stats column of the activation metric: normalized mean over sources, or pooled."""
-    return f"{metric}_pooled" if aggregate == "pooled" else f"{metric}_magnitude"
+    """The stats column of the activation metric aggregated over sources: the mean of the
+    layer-normalized per-source scores, the score of the pooled statistics, or the peak
+    (largest layer-normalized per-source score)."""
+    if aggregate not in AGGREGATE_COLUMNS:
+        raise ConfigError(f"aggregate must be one of {', '.join(AGGREGATE_COLUMNS)}, "
+                          f"got {aggregate!r}")
+    return f"{metric}_{AGGREGATE_COLUMNS[aggregate]}"
 
 
 def activation_score(units: pd.DataFrame, metric: str, aggregate: str) -> np.ndarray:

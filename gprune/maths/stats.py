@@ -27,6 +27,7 @@ Within one layer and unit kind, with s(u, d) the score of unit u on source d:
   (a lone unit gets 1);
 - sensitivity: population standard deviation over d of r(u, d) (NaN for one source);
 - magnitude: mean over d of s(u, d) / mean_u s(., d) (0 where that mean is 0);
+- peak: the largest over d of the same ratio (a unit that matters to any one source);
 - pooled: the metric from the statistics summed over all sources.
 """
 from __future__ import annotations
@@ -166,8 +167,17 @@ def sensitivity(ranks: np.ndarray) -> np.ndarray:
     return ranks.std(axis=1, ddof=0)
 
 
+def normalized_scores(scores: np.ndarray) -> np.ndarray:
+    """(U, D) scores -> (U, D) score / the layer's mean score on that source (0 where 0)."""
+    layer_mean = scores.mean(axis=0, keepdims=True)                            # (1, D)
+    return np.divide(scores, layer_mean, out=np.zeros_like(scores), where=layer_mean > 0)
+
+
 def magnitude(scores: np.ndarray) -> np.ndarray:
     """(U, D) scores -> (U,) mean over sources of score / the layer's mean score."""
-    layer_mean = scores.mean(axis=0, keepdims=True)                            # (1, D)
-    ratio = np.divide(scores, layer_mean, out=np.zeros_like(scores), where=layer_mean > 0)
-    return ratio.mean(axis=1)
+    return normalized_scores(scores).mean(axis=1)
+
+
+def peak(scores: np.ndarray) -> np.ndarray:
+    """(U, D) scores -> (U,) largest over sources of score / the layer's mean score."""
+    return normalized_scores(scores).max(axis=1)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from gprune.maths.stats import (LayerWeights, channel_var, flap_standardized,
-                                head_weight_scores, heads_mean, heads_sum, magnitude,
+                                head_weight_scores, heads_mean, heads_sum, magnitude, peak,
                                 mlp_weight_scores, rank_matrix, sensitivity)
 
 KINDS = ("mlp", "attn")
@@ -92,6 +92,7 @@ def _metric_columns(metric: str, per_source: torch.Tensor, pooled: torch.Tensor,
     return {metric: list(scores), f"{metric}_rank": list(ranks),
             f"{metric}_sensitivity": sensitivity(ranks),
             f"{metric}_magnitude": magnitude(scores),
+            f"{metric}_peak": peak(scores),
             f"{metric}_pooled": to_units(pooled).numpy(),
             f"{metric}_pooled_z": flap_standardized(pooled, head_dim).numpy(),
             f"{metric}_magnitude_z": flap_standardized(channel_magnitude, head_dim).numpy()}

@@ -27,8 +27,9 @@ from gprune.methods.importance import CriterionName, importance, signal_of
 class GpruneParams(ReconstructionParams):
     k: int = Field(4, ge=1, description="modules per layer (1: no partition)")
     metric: CriterionName = Field("wanda_sp", description="importance criterion (gprune.methods.importance)")
-    aggregate: Literal["normalized_mean", "pooled"] = Field(
-        "normalized_mean", description="over sources: mean of layer-normalized scores, or pooled")
+    aggregate: Literal["normalized_mean", "pooled", "peak"] = Field(
+        "normalized_mean", description="over sources: mean of layer-normalized scores, pooled, "
+        "or peak (largest layer-normalized per-source score)")
     gate: bool = Field(True, description="reliability gate (needs >= 2 calibration sources)")
     q_sigma: float = Field(0.75, gt=0, lt=1, description="gate: sensitivity quantile")
     q_m: float = Field(0.25, gt=0, lt=1, description="gate: magnitude quantile")
