@@ -219,7 +219,8 @@ def _allocate_config(args, sparsity: float):
 
     method = build_method(args.method)
     config = AllocateConfig.build(sparsity=sparsity, allocator=method.allocator,
-                                  prune_attention=not args.no_attention, steps=args.steps,
+                                  prune_attention=not args.no_attention and method.prunes_heads,
+                                  steps=args.steps,
                                   ridge=method.ridge, kl_check=method.kl_check,
                                   device=args.device)
     return method, config

@@ -100,3 +100,15 @@ def test_help_lists_exactly_the_registry_and_the_stages(capsys):
     assert re.findall(r"(?:^|, )([a-z_]+) \(", named) == list(method_names())
     for option in ("--sparsities", "--eval-tokens", "--no-prune-attention", "--allocator-steps"):
         assert option in text
+
+
+def test_heads_false_keeps_every_head_whatever_the_run_says():
+    from gprune.configs.pipeline import PipelineConfig
+
+    config = PipelineConfig(methods=["gprune:heads=false", "gprune"])
+    keep_heads, may_prune = config.method_objects()
+    assert config.allocate_config(keep_heads, 0.3).prune_attention is False
+    assert config.allocate_config(may_prune, 0.3).prune_attention is True
+    assert keep_heads.label == "gprune:heads=false"
+    mlp_only = PipelineConfig(methods=["gprune"], prune_attention=False)
+    assert mlp_only.allocate_config(mlp_only.method_objects()[0], 0.3).prune_attention is False

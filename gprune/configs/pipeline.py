@@ -113,7 +113,8 @@ class PipelineConfig(StageConfig):
 
     def allocate_config(self, method: Method, sparsity: float) -> AllocateConfig:
         return AllocateConfig(sparsity=sparsity, allocator=method.allocator, ridge=method.ridge,
-                              prune_attention=self.prune_attention, steps=self.allocator_steps,
+                              prune_attention=self.prune_attention and method.prunes_heads,
+                              steps=self.allocator_steps,
                               kl_check=method.kl_check, seed=self.seed, device=self.device)
 
     def surgery_config(self, method: Method) -> SurgeryConfig:
@@ -167,7 +168,7 @@ def preflight(config: PipelineConfig):
             raise ConfigError(f"method {method.label}: k={k} exceeds the {shape.intermediate} "
                               "MLP channels of a layer")
         for sparsity in config.sparsities:
-            check_target(shape, sparsity, 0.1, config.prune_attention)
+            check_target(shape, sparsity, 0.1, config.prune_attention and method.prunes_heads)
     config.perplexity_config(), config.choice_config(), config.speed_config()
     if config.export and ref.family not in ("llama",):
         raise ConfigError(f"--export: GGUF export supports the Llama family (SmolLM2) only; "

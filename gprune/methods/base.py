@@ -140,6 +140,11 @@ class Method:
         return getattr(self.params, "ridge", 1e-3)
 
     @property
+    def prunes_heads(self) -> bool:
+        """Whether the method may remove attention heads (the run's --prune-attention too)."""
+        return getattr(self.params, "heads", True)
+
+    @property
     def kl_check(self) -> bool:
         """Whether the allocate stage checks the plan against the uniform MLP-only plan."""
         return getattr(self.params, "kl_check", False)

@@ -33,6 +33,8 @@ class GpruneParams(ReconstructionParams):
     gate: bool = Field(True, description="reliability gate (needs >= 2 calibration sources)")
     q_sigma: float = Field(0.75, gt=0, lt=1, description="gate: sensitivity quantile")
     q_m: float = Field(0.25, gt=0, lt=1, description="gate: magnitude quantile")
+    heads: bool = Field(True, description="may remove attention heads (false: MLP channels "
+                        "only, every head kept, whatever the run's --prune-attention)")
     allocator: AllocatorName = Field("learned_path", description="gprune.methods.allocators name")
     reconstruct: Reconstruct = reconstruct_field("lsq")
     kl_check: bool = Field(True, description="keep the uniform MLP-only plan (same refit) "
