@@ -67,14 +67,17 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
     result = {"store": root, "stats": stats_key.result(),
               "plans": {name: f.result() for name, f in plans.items()},
               "checkpoints": {name: f.result() for name, f in checkpoints.items()}}
-    if config.export_config() is not None:
-        result["exports"] = {name: stages.export.submit(
-            config.export_config(), root, f, force=config.forced("export")).result()
-            for name, f in checkpoints.items()}
+    exports = {} if config.export_config() is None else {
+        name: stages.export.submit(config.export_config(), root, f,
+                                   force=config.forced("export")).result()
+        for name, f in checkpoints.items()}
+    if exports:
+        result["exports"] = exports
     if gram_keys:
         result["gram_keys"] = {source: f.result() for source, f in gram_keys.items()}
     if config.evaluate:
-        result.update(_evaluate_and_report(config, root, ref.fingerprint, corpora, checkpoints))
+        result.update(_evaluate_and_report(config, root, ref.fingerprint, corpora, checkpoints,
+                                           list(exports.values())))
         logger.info("gprune: report at %s", result["report_dir"])
     else:
         logger.info("gprune: %d checkpoint(s) in %s (evaluation off)", len(checkpoints), root)
@@ -179,7 +182,7 @@ def _score(config: PipelineConfig, root: str, stats_key, method: Method, scored:
 
 
 def _evaluate_and_report(config: PipelineConfig, root: str, fingerprint: str, corpora: dict,
-                         checkpoints: dict) -> dict[str, Any]:
+                         checkpoints: dict, export_keys: list[str]) -> dict[str, Any]:
     """Evaluate the dense model and every checkpoint, one after another; report; publish.
 
     Per model (dense first): ``perplexity``, then ``choice`` (when there are mc_tasks),
@@ -187,7 +190,8 @@ def _evaluate_and_report(config: PipelineConfig, root: str, fingerprint: str, co
     each uses every CPU thread (two at once oversubscribe the cores and took about twice as
     long in total), a speed probe does not share the machine with another evaluation, and
     progress output does not interleave. A failed task does not stop the next
-    (``allow_failure``); the report then fails. ``evals``: run name -> {stage: key}."""
+    (``allow_failure``); the report then fails. ``evals``: run name -> {stage: key}.
+    ``export_keys``: GGUF exports, whose sizes the report states."""
     eval_corpora = {s: corpora[s] for s in config.eval_sources}
     task_stamps = [source_stamp(t) for t in config.mc_tasks]
     plan = [(stage, task, stage_config, args) for stage, task, stage_config, args in (
@@ -204,7 +208,7 @@ def _evaluate_and_report(config: PipelineConfig, root: str, fingerprint: str, co
                 stage_config, root, model, identity, *args, force=config.forced(stage),
                 wait_for=[allow_failure(last)] if last is not None else None)
     futures = [f for per_model in evals.values() for f in per_model.values()]
-    report_key = stages.report.submit(ReportConfig(), root, futures,
+    report_key = stages.report.submit(ReportConfig(), root, futures + export_keys,
                                       force=config.forced("report")).result()
     report_dir = str(ArtifactStore(root).path(report_key))
     stages.publish.submit(report_dir).result()

@@ -1,6 +1,7 @@
 """Stage ``report``: one table across methods and sparsities, Markdown and plots.
 
-Reads evaluation artifacts of the ``perplexity``, ``choice`` and ``speed`` stages and
+Reads evaluation artifacts of the ``perplexity``, ``choice`` and ``speed`` stages (and
+the ``export`` stage's GGUF size) and
 groups them by the model they evaluated: a *run* is one model (the dense model or one
 checkpoint), and its rows come from whichever of its three artifacts were given. Writes
 ``results.parquet`` and ``results.csv`` (the long table: run columns + result columns,
@@ -20,7 +21,7 @@ from gprune.report.render import render_markdown, render_plots
 from gprune.report.table import long_table, summary_table
 from tasks.base import run_stage, stage_spec
 
-EVAL_STAGES = ("perplexity", "choice", "speed")
+EVAL_STAGES = ("perplexity", "choice", "speed", "export")   # export: the GGUF's size
 # stage parameters listed in the report's protocol (each from the stages that have it)
 PROTOCOL_PARAMS = ("ppl_tokens", "seq_len", "mc_limit", "mc_tasks", "prefill_tokens",
                    "decode_tokens", "repeats", "seed")

@@ -154,12 +154,16 @@ def test_export_stage_writes_gguf_that_llama_cpp_runs(first_run):
     from tests.test_export_gguf import hf_logits, llama_cpp_logits
 
     store_root, first, _ = first_run
-    result, states = run_flow(store_root, sparsities=[0.2], export="f32", evaluate=False)
+    result, states = run_flow(store_root, sparsities=[0.2], export="f32")
     assert set(states["surgery"]) == {"Cached"} and states["export"] == ["Completed"]
+    assert set(states["perplexity"]) == {"Cached"}
     store = ArtifactStore(store_root)
     art = store.read(result["exports"]["gprune@0.2"], stage="export")
     assert art.extra["outtype"] == "f32" and art.manifest["inputs"]["model"] == \
         first["checkpoints"]["gprune@0.2"]
+    summary = pd.read_csv(store.path(result["report"]) / "summary.csv").set_index("sparsity")
+    assert summary.loc[0.2, "GGUF bytes"] == art.file("model-f32.gguf").stat().st_size
+    assert np.isnan(summary.loc[0.0, "GGUF bytes"])          # the dense model was not exported
     ids = list(range(40, 52))
     ref = hf_logits(store.path(first["checkpoints"]["gprune@0.2"]) / "model", ids)
     got = llama_cpp_logits(art.file("model-f32.gguf"), ids)

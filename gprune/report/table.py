@@ -87,6 +87,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
         row.update({f"{n} {m}": v for n, m, v in zip(mc["name"], mc["metric"], mc["value"])})
         for kind, name, column in (("size", "params", "params"),
                                    ("size", "flops_per_token", "FLOPs/token"),
+                                   ("size", "gguf_bytes", "GGUF bytes"),
                                    ("speed", "prefill_tokens_per_s", "prefill tok/s"),
                                    ("speed", "decode_tokens_per_s", "decode tok/s")):
             hit = run[(run["kind"] == kind) & (run["name"] == name)]
