@@ -59,7 +59,8 @@ def units_schema(metrics: tuple[str, ...]) -> pa.Schema:
               ("weight_score", pa.float64()), ("freq", pa.float64())]
     for m in metrics:
         fields += [(m, LIST), (f"{m}_rank", LIST), (f"{m}_sensitivity", pa.float64()),
-                   (f"{m}_magnitude", pa.float64()), (f"{m}_pooled", pa.float64()),
+                   (f"{m}_magnitude", pa.float64()), (f"{m}_peak", pa.float64()),
+                   (f"{m}_pooled", pa.float64()),
                    (f"{m}_pooled_z", pa.float64()), (f"{m}_magnitude_z", pa.float64())]
     return pa.schema(fields)
 

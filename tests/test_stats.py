@@ -138,6 +138,7 @@ def test_stats_stage_on_two_sources_gqa(store, corpus_key):
     for rank in np.concatenate(units.wanda_sp_rank.to_numpy()):
         assert 0.0 <= rank <= 1.0
     assert units.wanda_sp_sensitivity.notna().all() and (units.flap_magnitude >= 0).all()
+    assert (units.wanda_sp_peak >= units.wanda_sp_magnitude - 1e-12).all()   # max >= mean
     # a head's pooled score is the sum of its channels' scores (pooled channel stats)
     model, _, adapter = load_model(resolve_model("tiny:llama"), "cpu")
     channels = pd.read_parquet(artifact.file("channels.parquet"))
