@@ -53,13 +53,13 @@ def test_invalid_methods_fail_at_construction_in_one_line(spec, message):
 
 
 def test_specs_round_trip_through_labels():
-    method = build_method("gprune:k=1,gate=false,q_m=0.3")
-    assert method.label == "gprune:k=1,gate=false,q_m=0.3"
+    method = build_method("gprune:k=4,gate=true,q_m=0.3")
+    assert method.label == "gprune:k=4,gate=true,q_m=0.3"
     assert build_method(method.label).spec() == method.spec() == {
-        "name": "gprune", "k": 1, "gate": False, "q_m": 0.3}
+        "name": "gprune", "k": 4, "gate": True, "q_m": 0.3}
     assert parse_spec({"name": "flap", "reconstruct": "none"}) == {
         "name": "flap", "reconstruct": "none"}
-    assert build_method("gprune:k=4").label == "gprune"  # defaults are not part of a label
+    assert build_method("gprune:k=1").label == "gprune"  # defaults are not part of a label
 
 
 def test_ablations_share_the_score_and_only_path_methods_serve_all_targets():
@@ -105,10 +105,11 @@ def test_help_lists_exactly_the_registry_and_the_stages(capsys):
 def test_heads_false_keeps_every_head_whatever_the_run_says():
     from gprune.configs.pipeline import PipelineConfig
 
-    config = PipelineConfig(methods=["gprune:heads=false", "gprune"])
-    keep_heads, may_prune = config.method_objects()
-    assert config.allocate_config(keep_heads, 0.3).prune_attention is False
+    config = PipelineConfig(methods=["gprune", "gprune:heads=true", "wanda_sp"])
+    keep_heads, may_prune, baseline = config.method_objects()
+    assert config.allocate_config(keep_heads, 0.3).prune_attention is False   # gprune's default
     assert config.allocate_config(may_prune, 0.3).prune_attention is True
-    assert keep_heads.label == "gprune:heads=false"
+    assert config.allocate_config(baseline, 0.3).prune_attention is True
+    assert may_prune.label == "gprune:heads=true"
     mlp_only = PipelineConfig(methods=["gprune"], prune_attention=False)
     assert mlp_only.allocate_config(mlp_only.method_objects()[0], 0.3).prune_attention is False

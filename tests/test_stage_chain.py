@@ -93,9 +93,9 @@ def test_stats_refuses_captures_of_another_model(chain, tmp_path):
 def test_gate_on_single_source_is_refused(chain):
     store, captures, _ = chain
     single = run_stats(StatsConfig(), store, captures[:1])
-    method = build_method("gprune")
+    method = build_method("gprune:gate=true")
     partition = run_partition(method.partition_config(), store, single)
     with pytest.raises(ConfigError, match=">= 2"):
         run_score(method.score_config(), store, single, partition)
-    no_gate = build_method("gprune:gate=false")
+    no_gate = build_method("gprune")   # the default: no gate
     assert run_score(no_gate.score_config(), store, single, partition)

@@ -1,15 +1,17 @@
 """GPrune-LLM: generalization-aware structured pruning (arXiv 2603.13418; METHOD.md).
 
-Units are partitioned per layer into behaviour-consistent modules (K-means over their
-per-source ranks, sensitivity and magnitude), scored inside their module by the
-activation metric averaged over sources (layer-normalized, so no source dominates),
-with a reliability gate that falls back to weight scores for modules whose activation
-signal is both unstable across sources and weak; allocation by a learned path of
-keep fractions (one learning run serves every target), kept only when, refit by least
-squares, it is no worse in KL to dense on held-apart calibration tokens than the uniform
-MLP-only plan (``kl_check``; docs/METHOD_NOTES.md). Ablations are parameters:
-``gprune:k=1`` (no partition), ``gprune:gate=false``, ``gprune:allocator=uniform``,
-``gprune:kl_check=false``.
+As this project reads it after measuring it (docs/METHOD_NOTES.md, issue 15): each unit is
+scored by its *peak* over the calibration sources of its layer-normalized activation
+metric (a channel that one source needs is not averaged away by the others); attention
+heads are kept (``heads=false``: removing them cost the never-seen domains far more than
+any calibration objective showed); MLP keep fractions per layer come from a learned path
+(one learning run serves every target), kept only when, refit by least squares, it is no
+worse in KL to dense on held-apart calibration tokens than the uniform MLP-only plan
+(``kl_check``). METHOD.md's partition into K behaviour-consistent modules and its
+reliability gate remain parameters (``gprune:k=4,gate=true,aggregate=normalized_mean`` is
+the paper's reading): on SmolLM2 the partition made held-out perplexity worse and the gate
+switched no module. Ablations: ``gprune:k=4``, ``gprune:gate=true``,
+``gprune:heads=true``, ``gprune:allocator=uniform``, ``gprune:kl_check=false``.
 """
 from __future__ import annotations
 
@@ -25,15 +27,17 @@ from gprune.methods.importance import CriterionName, importance, signal_of
 
 
 class GpruneParams(ReconstructionParams):
-    k: int = Field(4, ge=1, description="modules per layer (1: no partition)")
+    k: int = Field(1, ge=1, description="modules per layer (1: no partition; K>1, "
+                   "METHOD.md's 4, measured worse: docs/METHOD_NOTES.md)")
     metric: CriterionName = Field("wanda_sp", description="importance criterion (gprune.methods.importance)")
     aggregate: Literal["normalized_mean", "pooled", "peak"] = Field(
-        "normalized_mean", description="over sources: mean of layer-normalized scores, pooled, "
+        "peak", description="over sources: mean of layer-normalized scores, pooled, "
         "or peak (largest layer-normalized per-source score)")
-    gate: bool = Field(True, description="reliability gate (needs >= 2 calibration sources)")
+    gate: bool = Field(False, description="reliability gate (needs >= 2 calibration "
+                       "sources; measured neutral on SmolLM2, where it switches no module)")
     q_sigma: float = Field(0.75, gt=0, lt=1, description="gate: sensitivity quantile")
     q_m: float = Field(0.25, gt=0, lt=1, description="gate: magnitude quantile")
-    heads: bool = Field(True, description="may remove attention heads (false: MLP channels "
+    heads: bool = Field(False, description="may remove attention heads (false: MLP channels "
                         "only, every head kept, whatever the run's --prune-attention)")
     allocator: AllocatorName = Field("learned_path", description="gprune.methods.allocators name")
     reconstruct: Reconstruct = reconstruct_field("lsq")
@@ -44,7 +48,7 @@ class GpruneParams(ReconstructionParams):
 
 class Gprune(Method):
     name = "gprune"
-    summary = "GPrune-LLM: partitioned, reliability-gated scores, learned path allocation"
+    summary = "GPrune-LLM: peak-over-sources scores, heads kept, learned path, lsq refit"
     Params = GpruneParams
 
     def partition_config(self) -> PartitionConfig:
