@@ -133,7 +133,9 @@ def _speed(p):
 
 def _export(p):
     p.add_argument("--model", required=True, help="a surgery key or a dense model spec")
-    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"])
+    from gprune.configs.export import OUTTYPES
+
+    p.add_argument("--outtype", default="f16", choices=OUTTYPES)
 
 
 def _report(p):

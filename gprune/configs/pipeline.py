@@ -16,7 +16,7 @@ from gprune.configs.base import StageConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
-from gprune.configs.export import ExportConfig
+from gprune.configs.export import ExportConfig, Outtype
 from gprune.configs.perplexity import PerplexityConfig
 from gprune.configs.speed import SpeedConfig
 from gprune.configs.surgery import SurgeryConfig
@@ -62,7 +62,7 @@ class PipelineConfig(StageConfig):
     mc_limit: int = Field(_CHOICE["mc_limit"].default, ge=1,
                           description="examples per task (GPU: e.g. 1000)")
     speed: bool = Field(False, description="time prefill/decode (pruned interleaved with dense)")
-    export: Optional[Literal["f32", "f16", "q8_0"]] = Field(
+    export: Optional[Outtype] = Field(
         None, description="also write each checkpoint as a llama.cpp GGUF of this type "
                           "(stage export; Llama family)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")

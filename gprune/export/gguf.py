@@ -14,12 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gprune.configs.export import OUTTYPES
 from gprune.errors import ConfigError
 from gprune.export.tokenizer import tokenizer_metadata
 from gprune.maths.gguf_layout import deci_tensors
 
 log = logging.getLogger(__name__)
-OUTTYPES = ("f32", "f16", "q8_0")
 FAMILIES = ("llama",)          # gprune adapter names the export supports
 # f16 and q8_0 MLP widths are zero-padded (exactly) to multiples of 32: q8_0 blocks are 32
 # wide, and ggml's fast CPU matmul (llamafile's tinyBLAS) takes f16 only when the inner
