@@ -13,6 +13,12 @@ evaluated once:
              without lsq: the hand-made plan of issue 15, first seed;
 - single:    flap and gprune on one general-text source (the published protocol's kind of
              data, not its wikitext2 1024 x 128 tokens), first seed;
+- gisp:      GISP (arXiv 2510.18030; perplexity objective, pooled sources) with and without
+             lsq at 0.2 and ``--sparsities``, first seed; its trajectory's wall time is
+             printed next to the one-shot methods' score + allocate time;
+- margin:    GISP with the margin objective on ``siqa_local``'s training split (its last
+             1000 items) next to GISP's perplexity objective at 0.3, both evaluated on the
+             first ``--margin-mc-limit`` Social IQa items (disjoint from the training split);
 - ablations: gprune with one component changed (``ABLATIONS``: partition K=4, K=4 with
              the gate, heads prunable, mean instead of peak scores, uniform allocation) and
              METHOD.md's whole reading, at ``--ablation-sparsities``, first seed.
@@ -50,6 +56,7 @@ CALIBRATION = ["wikipedia", "web", "code", "news"]
 HELD_OUT = ["docs", "math"]   # never a calibration source of any run
 BASELINES = ("flap", "wanda_sp", "magnitude_sp")
 # one component of gprune's default changed at a time, and METHOD.md's whole reading
+GROUPS = ("main", "mlp_only", "single", "gisp", "margin", "ablations")
 ABLATIONS = ("k=4", "k=4,gate=true", "heads=true", "aggregate=normalized_mean",
              "allocator=uniform", "k=4,gate=true,aggregate=normalized_mean,heads=true")
 
@@ -69,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mc-limit", type=int, default=0, help="examples per MC task (0: none)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--store", default=None, help="artifact store (default: gprune's)")
-    parser.add_argument("--groups", nargs="+", default=["main", "mlp_only", "single", "ablations"],
-                        choices=["main", "mlp_only", "single", "ablations"])
+    parser.add_argument("--margin-mc-limit", type=int, default=300,
+                        help="Social IQa items the margin group evaluates (first N)")
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     parser.add_argument("--out", default="benchmarks/results/quality",
                         help="folder for the summary CSV, report and plots")
     return parser.parse_args(argv)
@@ -86,6 +94,11 @@ def groups(args) -> dict[str, dict]:
                          methods=["wanda_sp", "wanda_sp:reconstruct=lsq"]),
         "single": dict(sources=[args.single_source], sparsities=args.sparsities,
                        methods=["flap", "gprune"]),
+        "gisp": dict(sources=CALIBRATION, sparsities=sorted({0.2, *args.sparsities}),
+                     methods=["gisp", "gisp:reconstruct=lsq"]),
+        "margin": dict(sources=CALIBRATION, sparsities=[0.3], mc_tasks=["siqa_local"],
+                       mc_limit=args.margin_mc_limit,
+                       methods=["gisp", "gisp:objective=margin,task=siqa_local"]),
         "ablations": dict(sources=CALIBRATION, sparsities=args.ablation_sparsities,
                           methods=[f"gprune:{change}" for change in ABLATIONS]),
     }
@@ -96,12 +109,13 @@ def run_group(args, name: str, params: dict, seed: int) -> tuple[list[str], set[
     from flows.gprune_flow import run_pipeline
     from gprune.configs.pipeline import PipelineConfig
 
+    shared = dict(mc_limit=max(args.mc_limit, 1),
+                  mc_tasks=["mmlu_local", "siqa_local"] if args.mc_limit else [])
     config = PipelineConfig.build(
         model=args.model, eval_sources=CALIBRATION + HELD_OUT,
         capture_sequences=args.capture_sequences, capture_seq_len=args.capture_seq_len,
-        eval_tokens=args.eval_tokens, mc_limit=max(args.mc_limit, 1),
-        mc_tasks=["mmlu_local", "siqa_local"] if args.mc_limit else [], speed=False,
-        device=args.device, seed=seed, **params)
+        eval_tokens=args.eval_tokens, speed=False, device=args.device, seed=seed,
+        **{**shared, **params})
     started = time.perf_counter()
     result = run_pipeline(config, store=args.store)
     print(f"group {name} seed {seed}: {len(result['evals'])} evaluated models in "
@@ -164,6 +178,27 @@ def headlines(table) -> list[str]:
     return lines
 
 
+def stage_seconds(store, since: float) -> None:
+    """GISP's trajectory (path stage) against the one-shot methods' score + allocate, from
+    the manifests of artifacts built by this run."""
+    import json
+    from collections import defaultdict
+
+    built = defaultdict(list)
+    for manifest in store.root.glob("*/*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        if data["stage"] not in ("path", "score", "allocate") or manifest.stat().st_mtime < since:
+            continue
+        params = data.get("params", {})
+        name = (params.get("method") or params.get("allocator") or "").split(":")[0]
+        if data["stage"] == "path":
+            name = "gisp" if params.get("allocator_params") else "gprune"
+        built[(data["stage"], name)].append(float(data.get("seconds", 0.0)))
+    for (stage, name), seconds in sorted(built.items()):
+        print(f"wall time {stage} {name or '?'}: {sum(seconds) / len(seconds):.1f}s per artifact "
+              f"({len(seconds)} built)")
+
+
 def main(argv=None) -> int:
     import pandas as pd
 
@@ -173,6 +208,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     started, store, out = time.perf_counter(), ArtifactStore(args.store), Path(args.out)
+    wall_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for seed in args.seeds:
@@ -195,6 +231,7 @@ def main(argv=None) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(2).to_string(index=False))
     print(f"copied to {out}; total {time.perf_counter() - started:.0f}s")
+    stage_seconds(store, wall_start)
     for line in headlines(table):
         print(line)
     return 0

@@ -224,6 +224,7 @@ def _allocate_config(args, sparsity: float):
                                   prune_attention=not args.no_attention and method.prunes_heads,
                                   steps=args.steps,
                                   ridge=method.ridge, kl_check=method.kl_check,
+                                  allocator_params=method.allocator_params(),
                                   device=args.device)
     return method, config
 

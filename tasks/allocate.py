@@ -56,12 +56,15 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
     def build(out):
         scores = pd.read_parquet(score.file("scores.parquet"))
         started = time.time()
-        fractions, history = chosen.fractions(AllocationInputs(
+        inputs = AllocationInputs(
             scores, shape, config.sparsity, config.prune_attention, config.learn_settings(),
             path_table=_path_table(store, path_key, config),
-            learning=lambda: learning_inputs(config, store, stats)))
-        alloc = project(fractions, shape, config.sparsity, config.mlp_floor, config.prune_attention)
-        plan = _plan(config, stats, scores, alloc, shape, method, reconstruct, score_key)
+            learning=lambda: learning_inputs(config, store, stats),
+            mlp_floor=config.mlp_floor, params=config.allocator_params)
+        fractions, history = chosen.fractions(inputs)
+        alloc = chosen.allocation(fractions, inputs)
+        plan = _plan(config, stats, chosen.ranked(scores, inputs), alloc, shape, method,
+                     reconstruct, score_key)
         if config.kl_check:
             plan = _checked(plan, config, store, stats, scores, shape, method, reconstruct,
                             score_key, gram_keys, out.extra)

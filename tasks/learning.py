@@ -22,27 +22,61 @@ def learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifac
 def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,
                         config: AllocateConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Mixed-source calibration tokens: equal shares of every source behind the stats."""
-    from gprune.data.corpus import sample_sequences
-    from tasks.corpus import read_split
-
-    ids, masks = [], []
-    corpus_keys = [store.read(k, stage="capture").manifest["inputs"]["corpus"]
-                   for k in stats.extra["capture_keys"]]
-    per_source = max(1, config.n_sequences // len(corpus_keys))
-    for i, corpus_key in enumerate(corpus_keys):
-        texts = read_split(store, corpus_key, "calibration")
-        source_ids, source_mask = sample_sequences(texts, tokenizer, per_source, config.seq_len,
-                                                   seed=config.seed + 1000 + i)
-        ids.append(source_ids)
-        masks.append(source_mask)
-    ids_all, mask_all = _pad_cat(ids, tokenizer.pad_token_id), _pad_cat(masks, 0)
+    sequences = source_sequences(store, stats, tokenizer, config)
+    ids_all = _pad_cat([ids for ids, _ in sequences], tokenizer.pad_token_id)
+    mask_all = _pad_cat([mask for _, mask in sequences], 0)
     order = torch.randperm(len(ids_all), generator=torch.Generator().manual_seed(config.seed))
     ids_all, mask_all = ids_all[order], mask_all[order]
     return [(ids_all[i:i + config.batch_size], mask_all[i:i + config.batch_size])
             for i in range(0, len(ids_all), config.batch_size)]
 
 
+def source_sequences(store: ArtifactStore, stats: Artifact, tokenizer,
+                     config: AllocateConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask) of ``n_sequences / sources`` sequences from each source behind the stats."""
+    from gprune.data.corpus import sample_sequences
+    from tasks.corpus import read_split
+
+    corpus_keys = [store.read(k, stage="capture").manifest["inputs"]["corpus"]
+                   for k in stats.extra["capture_keys"]]
+    per_source = max(1, config.n_sequences // len(corpus_keys))
+    return [sample_sequences(read_split(store, key, "calibration"), tokenizer, per_source,
+                             config.seq_len, seed=config.seed + 1000 + i)
+            for i, key in enumerate(corpus_keys)]
+
+
+def source_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
+    """The dense model, its adapter and per source a list of calibration batches."""
+    from gprune.models.loader import load_model, resolve_device
+
+    model, tokenizer, adapter = load_model(stats.extra["model_path"],
+                                           device=resolve_device(config.device))
+    torch.manual_seed(config.seed)
+    batches = [[(ids[i:i + config.batch_size], mask[i:i + config.batch_size])
+                for i in range(0, len(ids), config.batch_size)]
+               for ids, mask in source_sequences(store, stats, tokenizer, config)]
+    return model, adapter, batches
+
+
 def _pad_cat(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     width = max(t.shape[1] for t in tensors)
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
                       for t in tensors])
+
+
+def margin_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact, task: str,
+                  items: int):
+    """The dense model, its adapter and ``items`` questions of ``task``'s training split
+    (``gprune.eval.mc_tasks.training_rows``; never the items the choice stage evaluates)."""
+    import random
+
+    from gprune.eval.mc_tasks import training_rows
+    from gprune.maths.gisp_taylor import margin_items
+    from gprune.models.loader import load_model, resolve_device
+
+    rows, _ = training_rows(task)
+    rows = random.Random(config.seed).sample(rows, min(items, len(rows)))
+    model, tokenizer, adapter = load_model(stats.extra["model_path"],
+                                           device=resolve_device(config.device))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model, adapter, margin_items(tokenizer, rows, pad)

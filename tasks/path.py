@@ -19,7 +19,7 @@ from gprune.errors import ConfigError
 from gprune.methods.allocators import AllocationInputs, allocator
 from tasks.allocate import stats_shape
 from tasks.base import run_stage, stage_spec
-from tasks.learning import learning_inputs
+from tasks.learning import learning_inputs, margin_inputs, source_inputs
 
 log = logging.getLogger("gprune")
 
@@ -50,7 +50,14 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
                                       config.learn_settings(),
                                       learning=lambda: learning_inputs(config, store, stats),
                                       grams=gram_reader(store, inputs.get("grams")),
-                                      ridge=config.ridge)
+                                      ridge=config.ridge, mlp_floor=config.mlp_floor,
+                                      params=config.allocator_params,
+                                      sources=lambda n, length: source_inputs(
+                                          config.model_copy(update={"n_sequences": n,
+                                                                    "seq_len": length}),
+                                          store, stats),
+                                      task_items=lambda task, n: margin_inputs(
+                                          config, store, stats, task, n))
         table, history = chosen.learn(allocation, config.path_grid)
         table.to_parquet(out.file("path.parquet"), index=False)
         seconds = round(time.time() - started, 2)

@@ -40,6 +40,9 @@ class AllocateConfig(StageConfig):
                                  "with seed + 1: not the learning batches, not the Gram's)")
     check_seq_len: int = Field(512, ge=8, description="kl_check: tokens per sequence (as long "
                                "as the evaluation's windows: heads matter more with context)")
+    allocator_params: dict = Field(default_factory=dict, description="the method's own "
+                                   "settings of its allocator (e.g. gisp's schedule); part "
+                                   "of the path's and the plan's key when not empty")
     seed: int = 0
     device: str = "auto"
 
@@ -82,6 +85,8 @@ class AllocateConfig(StageConfig):
                 params.pop(name)
         if not (allocator(self.allocator).needs_gram or self.kl_check):
             params.pop("ridge")
+        if not self.allocator_params:
+            params.pop("allocator_params")
         return params
 
     def check_config(self) -> "AllocateConfig":
@@ -105,4 +110,6 @@ class AllocateConfig(StageConfig):
             params["allocator"] = self.allocator
             if allocator(self.allocator).needs_gram:
                 params.update(ridge=self.ridge, mlp_floor=self.mlp_floor)
+        if self.allocator_params:
+            params.update(allocator_params=self.allocator_params, mlp_floor=self.mlp_floor)
         return params

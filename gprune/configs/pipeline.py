@@ -115,6 +115,7 @@ class PipelineConfig(StageConfig):
         return AllocateConfig(sparsity=sparsity, allocator=method.allocator, ridge=method.ridge,
                               prune_attention=self.prune_attention and method.prunes_heads,
                               steps=self.allocator_steps,
+                              allocator_params=method.allocator_params(),
                               kl_check=method.kl_check, seed=self.seed, device=self.device)
 
     def surgery_config(self, method: Method) -> SurgeryConfig:

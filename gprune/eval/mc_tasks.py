@@ -49,6 +49,7 @@ class LocalTask:
     parse: Callable[[Any], Row | None]    # raw JSON value -> normalized row, or None
     metric: str
     description: str
+    train_items: int = 0                  # the file's last N valid rows: the training split
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,10 @@ def validate_row(raw: Any) -> Row | None:
 LOCAL_TASKS: dict[str, LocalTask] = {
     t.name: t for t in (
         LocalTask("mmlu_local", "evals/registry/data/sandbagging/samples-all-large.jsonl",
-                  parse_mmlu, "acc", "MMLU, 1000 questions, 4 options (evals wheel)"),
+                  parse_mmlu, "acc", "MMLU, 1000 questions, 4 options (evals wheel)", 200),
         LocalTask("siqa_local", "evals/registry/data/theory_of_mind/socialiqa/test.jsonl",
-                  parse_siqa, "acc_norm", "Social IQa, 2224 items, 3 options (evals wheel)"),
+                  parse_siqa, "acc_norm", "Social IQa, 2224 items, 3 options (evals wheel)",
+                  1000),
     )
 }
 
@@ -204,6 +206,29 @@ def build_local_task(name: str, root: Path) -> BuiltTask:
     task = LOCAL_TASKS[name]
     source = wheel_member(*EVALS, task.member)
     return build_from_file(source, root, name=name, parse=task.parse, metric=task.metric)
+
+
+def training_rows(spec: str) -> tuple[list[Row], int]:
+    """(the training split of a task, how many of its first rows evaluation may use).
+
+    A local task's training split is its file's last ``train_items`` valid rows (never
+    among the first ones the choice stage evaluates); a ``.jsonl`` task's is the file
+    next to it named ``<stem>.train.jsonl``. Anything else: a one-line error."""
+    from gprune.data.wheels import wheel_member
+
+    if spec in LOCAL_TASKS and LOCAL_TASKS[spec].train_items:
+        task = LOCAL_TASKS[spec]
+        with open(wheel_member(*EVALS, task.member), encoding="utf-8", errors="replace") as fh:
+            rows, _ = normalize_lines(fh, task.parse)
+        return rows[-task.train_items:], len(rows) - task.train_items
+    train = Path(spec).with_suffix(".train.jsonl") if is_file_task(spec) else None
+    if train is None or not train.is_file():
+        raise ConfigError(f"task {spec!r} has no training split for a margin objective: use "
+                          f"{' or '.join(n for n, t in LOCAL_TASKS.items() if t.train_items)}, "
+                          "or a .jsonl task with a <stem>.train.jsonl file next to it")
+    with train.open(encoding="utf-8", errors="replace") as handle:
+        rows, _ = normalize_lines(handle, validate_row)
+    return rows, 1_000_000
 
 
 def file_task_name(path: Path) -> str:

@@ -10,13 +10,14 @@ the calibration Grams (``AllocationInputs.grams``; a method using it needs "gram
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
 import pandas as pd
 
 from gprune.errors import ConfigError
-from gprune.maths.allocate import Fractions, flap_fractions, uniform_fractions
+from gprune.maths.allocate import (Allocation, Fractions, flap_fractions, project,
+                                   uniform_fractions)
 from gprune.maths.fisher import output_fisher
 from gprune.maths.learned import LearnSettings, learn_fractions
 from gprune.maths.learned_path import PathSettings, learn_path, path_fractions
@@ -39,6 +40,12 @@ class AllocationInputs:
     learning: Optional[Learning] = None         # needs_model allocators
     grams: Optional[Callable[[int, str], Any]] = None  # needs_gram: (layer, kind) -> Gram
     ridge: float = 1e-2                         # needs_gram: the refit's damping
+    mlp_floor: float = 0.1                      # min fraction of MLP channels per layer
+    params: dict = field(default_factory=dict)  # the method's allocator_params
+    # (sequences, seq_len) -> (model, adapter, [[batch, ...] per source]); path stage only
+    sources: Optional[Callable[[int, int], tuple[Any, Any, list]]] = None
+    # (task, items) -> (model, adapter, questions of the task's training split); path stage
+    task_items: Optional[Callable[[str, int], tuple[Any, Any, list]]] = None
 
 
 class Allocator:
@@ -51,6 +58,17 @@ class Allocator:
     def fractions(cls, inputs: AllocationInputs) -> tuple[Fractions, list[float]]:
         """Keep fractions at ``inputs.sparsity`` and the objective history (may be empty)."""
         raise NotImplementedError
+
+    @classmethod
+    def allocation(cls, fractions: Fractions, inputs: AllocationInputs) -> Allocation:
+        """Integer keep counts meeting the budget (default: ``project`` the fractions)."""
+        return project(fractions, inputs.shape, inputs.sparsity, inputs.mlp_floor,
+                       inputs.prune_attention)
+
+    @classmethod
+    def ranked(cls, scores: pd.DataFrame, inputs: AllocationInputs) -> pd.DataFrame:
+        """The scores ``harden`` keeps the best of in each module (default: as scored)."""
+        return scores
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocator")

@@ -149,6 +149,10 @@ class Method:
         """Whether the allocate stage checks the plan against the uniform MLP-only plan."""
         return getattr(self.params, "kl_check", False)
 
+    def allocator_params(self) -> dict[str, Any]:
+        """The method's own settings of its allocator (``AllocateConfig.allocator_params``)."""
+        return {}
+
     @property
     def serves_all_targets(self) -> bool:
         return allocator_class(self.allocator).uses_path
