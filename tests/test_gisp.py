@@ -295,3 +295,17 @@ def test_margin_scores_are_the_margin_gradient_and_need_a_training_split(tmp_pat
         build_method("gisp:objective=margin")
     lone.with_suffix(".train.jsonl").write_text(lone.read_text())
     assert build_method(f"gisp:objective=margin,task={lone}").allocator_params()["task"] == str(lone)
+
+
+def test_preflight_refuses_impossible_gisp_settings():
+    from gprune.configs.pipeline import PipelineConfig, preflight
+
+    def run(method, sparsity=0.3):
+        preflight(PipelineConfig.build(model="tiny:llama", methods=[method],
+                                       sparsities=[sparsity]))
+
+    run("gisp")                                                    # fine
+    with pytest.raises(ConfigError, match="cover all 3 layers"):
+        run("gisp:protect_first=0.7")
+    with pytest.raises(ConfigError, match="beyond the trajectory"):
+        run("gisp", 0.65)

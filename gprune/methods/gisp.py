@@ -75,6 +75,24 @@ class Gisp(Method):
     def allocator(self) -> str:
         return "gisp"
 
+    def check_model(self, shape, allocate) -> None:
+        """Protected layers leave something to prune; the trajectory's end (the path grid's
+        largest target) and every target fit what they leave."""
+        end = max(allocate.path_grid)
+        if allocate.sparsity > end + 1e-9:
+            raise ConfigError(f"method {self.label}: target {allocate.sparsity:.2f} lies beyond "
+                              f"the trajectory, which ends at the path grid's largest target "
+                              f"{end:.2f}")
+        settings = GispSettings(steps=self.params.steps, end=end,
+                                protect_first=self.params.protect_first,
+                                protect_last=self.params.protect_last,
+                                floor=allocate.mlp_floor,
+                                prune_attention=allocate.prune_attention)
+        try:
+            check_settings(shape, settings)
+        except ValueError as err:
+            raise ConfigError(f"method {self.label}: {err}") from None
+
     def allocator_params(self) -> dict:
         p = self.params
         return {"steps": p.steps, "protect_first": p.protect_first,
