@@ -81,10 +81,28 @@ def stage_digest(stage: str, root: Optional[str | Path] = None) -> CodeDigest:
     return _stage_digest(stage, str(root) if root is not None else None)
 
 
+def module_digest(module: str, root: Optional[str | Path] = None) -> str:
+    """The digest of one project module and everything it imports ("" outside the project:
+    a plugin's version is its package's). For code a stage reaches only at run time (a
+    method or allocator found by name), so its stage's key can include it."""
+    return _module_digest(module, str(root) if root is not None else None)
+
+
 def clear_cache() -> None:
     """Forget every computed digest (for tests that edit sources)."""
-    for cached in (_stage_digest, _package_dirs, _module_file, _analysis):
+    for cached in (_stage_digest, _module_digest, _package_dirs, _module_file, _analysis):
         cached.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _module_digest(module: str, root: Optional[str]) -> str:
+    dirs = _package_dirs(root)
+    if _module_file(module, dirs) is None:
+        return ""
+    h = hashlib.sha256(f"module-root\0{module}\n".encode())
+    for name in closure((module,), dirs):
+        h.update(f"module\0{name}\0{_analysis(_module_file(name, dirs), name)[1]}\n".encode())
+    return h.hexdigest()[:24]
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ from gprune.maths.budget import check_target
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.methods.allocators import AllocationInputs, allocator
 from gprune.models.adapters import ModelShape
-from tasks.base import run_stage, stage_spec
+from tasks.base import run_stage, runtime_code, stage_spec
 from tasks.learning import learning_inputs
 
 log = logging.getLogger("gprune")
@@ -48,7 +48,8 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
     if config.kl_check and not gram_keys:
         raise ConfigError("kl_check refits candidate plans from Gram statistics: run `gprune "
                           "stage gram` for every calibration source and pass --gram KEY...")
-    params = {**config.key_params(), "method": method, "reconstruct": reconstruct}
+    params = {**config.key_params(), "method": method, "reconstruct": reconstruct,
+              **runtime_code(chosen, "gprune.methods.allocators")}
     inputs = {"score": score_key, "stats": stats_key, **({"path": path_key} if path_key else {}),
               **({"grams": sorted(gram_keys)} if config.kl_check else {})}
     spec = stage_spec(stats.manifest["model"], inputs, params)

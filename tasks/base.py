@@ -19,6 +19,15 @@ def stage_spec(model: str | None, inputs: dict[str, Any], params: dict[str, Any]
     return {"model": model, "inputs": inputs, "params": params}
 
 
+def runtime_code(cls: type, *static: str) -> dict[str, str]:
+    """``{"code": digest}`` of the module defining ``cls`` when the stage reaches it only at
+    run time (a method or allocator found by name), so editing it changes the stage's key;
+    ``{}`` when it is one of ``static`` (already in the stage's own code digest)."""
+    from artifacts.code_digest import module_digest
+
+    return {} if cls.__module__ in static else {"code": module_digest(cls.__module__)}
+
+
 def run_stage(store: ArtifactStore, stage: str, spec: dict[str, Any],
               build: Callable[[PendingArtifact], None], force: bool = False) -> str:
     """Return the key of the stage's artifact, building it only when it is not stored.

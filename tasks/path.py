@@ -18,7 +18,7 @@ from gprune.configs.allocate import AllocateConfig
 from gprune.errors import ConfigError
 from gprune.methods.allocators import AllocationInputs, allocator
 from tasks.allocate import stats_shape
-from tasks.base import run_stage, stage_spec
+from tasks.base import run_stage, runtime_code, stage_spec
 from tasks.learning import learning_inputs, margin_inputs, source_inputs
 
 log = logging.getLogger("gprune")
@@ -41,7 +41,8 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
             raise ConfigError(f"allocator {chosen.name} needs Gram statistics: run `gprune "
                               "stage gram` for each calibration source first (--gram)")
         inputs["grams"] = sorted(gram_keys)
-    spec = stage_spec(stats.manifest["model"], inputs, config.path_params())
+    params = {**config.path_params(), **runtime_code(chosen, "gprune.methods.allocators")}
+    spec = stage_spec(stats.manifest["model"], inputs, params)
 
     def build(out):
         scores = pd.read_parquet(score.file("scores.parquet"))

@@ -175,3 +175,16 @@ def test_normalized_source_keeps_code_differences():
     assert normalized_source("x = 1\n") != normalized_source("x = 2\n")
     assert normalized_source("def f():\n    'doc'\n    return 1\n") == \
         normalized_source("def f():\n    return 1\n")
+
+
+def test_a_method_found_by_name_is_in_its_stages_keys(tree):
+    """The path and allocate stages reach GISP's allocator only through the registry, so
+    their keys carry its module digest: an edit to GISP's maths changes it."""
+    from artifacts.code_digest import module_digest
+
+    assert "gprune.maths.gisp" not in stage_digest("path", tree).modules
+    before = module_digest("gprune.methods.gisp", tree)
+    assert module_digest("json", tree) == "" and before
+    edit(tree / "gprune/maths/gisp.py", "NEVER = 2**31 - 1", "NEVER = 2**31 - 2")
+    clear_cache()
+    assert module_digest("gprune.methods.gisp", tree) != before

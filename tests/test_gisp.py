@@ -300,12 +300,16 @@ def test_margin_scores_are_the_margin_gradient_and_need_a_training_split(tmp_pat
 def test_preflight_refuses_impossible_gisp_settings():
     from gprune.configs.pipeline import PipelineConfig, preflight
 
-    def run(method, sparsity=0.3):
+    def run(method, sparsity=0.3, **more):
         preflight(PipelineConfig.build(model="tiny:llama", methods=[method],
-                                       sparsities=[sparsity]))
+                                       sparsities=[sparsity], **more))
 
     run("gisp")                                                    # fine
     with pytest.raises(ConfigError, match="cover all 3 layers"):
         run("gisp:protect_first=0.7")
     with pytest.raises(ConfigError, match="beyond the trajectory"):
         run("gisp", 0.65)
+    margin = "gisp:objective=margin,task=siqa_local"
+    run(margin, mc_tasks=["siqa_local"], mc_limit=300)
+    with pytest.raises(ConfigError, match="training split holds; use at most 1218"):
+        run(margin, mc_tasks=["siqa_local"], mc_limit=1500)

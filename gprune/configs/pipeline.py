@@ -170,7 +170,8 @@ def preflight(config: PipelineConfig):
                               "MLP channels of a layer")
         for sparsity in config.sparsities:
             check_target(shape, sparsity, 0.1, config.prune_attention and method.prunes_heads)
-        method.check_model(shape, config.allocate_config(method, max(config.sparsities)))
+        method.check_model(shape, config.allocate_config(method, max(config.sparsities)),
+                           config.choice_config())
     config.perplexity_config(), config.choice_config(), config.speed_config()
     if config.export and ref.family not in ("llama",):
         raise ConfigError(f"--export: GGUF export supports the Llama family (SmolLM2) only; "

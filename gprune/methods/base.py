@@ -149,9 +149,10 @@ class Method:
         """Whether the allocate stage checks the plan against the uniform MLP-only plan."""
         return getattr(self.params, "kl_check", False)
 
-    def check_model(self, shape, allocate) -> None:
+    def check_model(self, shape, allocate, choice=None) -> None:
         """One-line ConfigError when the method cannot run on a model of ``shape`` with the
-        allocation settings ``allocate`` (an AllocateConfig); called before any work."""
+        allocation settings ``allocate`` (an AllocateConfig) and the run's multiple-choice
+        evaluation ``choice`` (a ChoiceConfig or None); called before any work."""
 
     def allocator_params(self) -> dict[str, Any]:
         """The method's own settings of its allocator (``AllocateConfig.allocator_params``)."""

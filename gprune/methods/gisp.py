@@ -43,7 +43,7 @@ class GispParams(ReconstructionParams):
         "(correct answer's loss minus the wrong ones') on a multiple-choice task's training split")
     task: Optional[str] = Field(None, description="margin: the task (siqa_local, mmlu_local, "
                                 "or a .jsonl task with a <stem>.train.jsonl next to it)")
-    items: int = Field(128, ge=1, description="margin: training questions the gradients use")
+    items: int = Field(64, ge=1, description="margin: training questions the gradients use")
     sequences: int = Field(16, ge=1, description="calibration sequences the gradients use")
     seq_len: int = Field(256, ge=8, description="tokens per calibration sequence")
     heads: bool = Field(True, description="may remove query heads (whatever the run's "
@@ -75,9 +75,19 @@ class Gisp(Method):
     def allocator(self) -> str:
         return "gisp"
 
-    def check_model(self, shape, allocate) -> None:
+    def check_model(self, shape, allocate, choice=None) -> None:
         """Protected layers leave something to prune; the trajectory's end (the path grid's
-        largest target) and every target fit what they leave."""
+        largest target) and every target fit what they leave; a margin task's evaluated
+        items stay clear of its training split."""
+        p = self.params
+        if p.objective == "margin" and choice is not None and p.task in choice.mc_tasks:
+            from gprune.eval.mc_tasks import training_rows
+
+            _, clear = training_rows(p.task)
+            if choice.mc_limit > clear:
+                raise ConfigError(f"method {self.label}: --mc-limit {choice.mc_limit} would "
+                                  f"evaluate {p.task} items its training split holds; use at "
+                                  f"most {clear}")
         end = max(allocate.path_grid)
         if allocate.sparsity > end + 1e-9:
             raise ConfigError(f"method {self.label}: target {allocate.sparsity:.2f} lies beyond "
@@ -133,7 +143,7 @@ class GispAllocator(Allocator):
         objective = inputs.params.get("objective", "perplexity")
         if objective == "margin":
             model, adapter, items = inputs.task_items(inputs.params["task"],
-                                                      inputs.params.get("items", 128))
+                                                      inputs.params.get("items", 64))
             sources = [items]
         else:
             model, adapter, sources = inputs.sources(inputs.params.get("sequences", 16),
