@@ -313,3 +313,17 @@ def test_preflight_refuses_impossible_gisp_settings():
     run(margin, mc_tasks=["siqa_local"], mc_limit=300)
     with pytest.raises(ConfigError, match="training split holds; use at most 1218"):
         run(margin, mc_tasks=["siqa_local"], mc_limit=1500)
+
+
+def test_half_precision_gradients_are_summed_in_float32():
+    """A bfloat16 model: scores close to the float32 model's (gradients in the model's
+    dtype, summed over batches in float32), and no float32 buffer left behind."""
+    model = tiny_model("llama", seed=2)
+    adapter = adapter_for(model.config)
+    shape = adapter.shape(model.config)
+    alive = _masks(shape)
+    ref, _, _ = masked_scores(model, adapter, shape, *alive, [_batches(n=3)])
+    half, _, _ = masked_scores(model.to(torch.bfloat16), adapter, shape, *alive, [_batches(n=3)])
+    assert half.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([ref.flatten(), half.flatten()]))[0, 1] > 0.95
+    assert not any(hasattr(p, "grad32") or p.grad is not None for p in model.parameters())

@@ -69,7 +69,8 @@ def structure_scores(adapter: FamilyAdapter, layers: list, shape: ModelShape
 
 
 def _taylor(linear: torch.nn.Linear) -> torch.Tensor:
-    grad = linear.weight.grad
+    grad = getattr(linear.weight, "grad32", None)
+    grad = linear.weight.grad if grad is None else grad
     if grad is None:
         return torch.zeros_like(linear.weight, dtype=torch.float32)
     return (linear.weight.detach().float() * grad.float()).abs()
@@ -177,12 +178,28 @@ def _gradients(model, adapter: FamilyAdapter, layers: list, shape: ModelShape,
         w.requires_grad_(True)
         w.grad = None
     keep = [([m.to(device, dtype) for m in alive_mlp], [h.to(device, dtype) for h in alive_heads])]
+    handles = [] if dtype == torch.float32 else [_float32_sum(w) for w in weights]
     try:
         with soft_masks(model, adapter, None, keep, shape.head_dim):
             yield
     finally:
+        for handle in handles:
+            handle.remove()
         for w in weights:
             w.grad = None
+            if hasattr(w, "grad32"):
+                del w.grad32
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
 
+
+def _float32_sum(weight: torch.nn.Parameter):
+    """Move each batch's gradient (model dtype, e.g. bf16 on a GPU) into a float32 sum."""
+    weight.grad32 = None
+
+    def hook(param):
+        grad = param.grad.float()
+        param.grad32 = grad if param.grad32 is None else param.grad32 + grad
+        param.grad = None
+
+    return weight.register_post_accumulate_grad_hook(hook)
