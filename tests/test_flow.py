@@ -315,3 +315,28 @@ def test_runner_choice_errors_are_one_line(monkeypatch):
     monkeypatch.setenv("GPRUNE_TASK_RUNNER", "dask")
     assert type(make_task_runner()).__name__ == "DaskTaskRunner"
     assert type(make_task_runner("thread")).__name__ == "ThreadPoolTaskRunner"
+
+
+def test_gisp_one_trajectory_serves_both_targets_and_reconstructions(prefect_api, tmp_path):
+    """GISP through the flow: one path artifact (the trajectory) serves two targets and
+    both reconstructions; the plans nest; the trajectory's per-round seconds are stored."""
+    from gprune.maths.plan import PruningPlan
+
+    spec = "gisp:heads=false,steps=2,sequences=2,seq_len=32"
+    result, states = run_flow(tmp_path / "store", methods=[spec, f"{spec},reconstruct=lsq"],
+                              sparsities=[0.2, 0.3])
+    store = ArtifactStore(tmp_path / "store")
+    paths = list((tmp_path / "store" / "path").glob("*/manifest.json"))
+    assert len(paths) == 1 and len(result["plans"]) == 4
+    rounds = store.read(paths[0].parent.name).extra["objective"]
+    assert [r["step"] for r in rounds] == [1, 2] and all(r["seconds"] > 0 for r in rounds)
+    from gprune.methods.registry import build_method
+
+    label, refit = build_method(spec).label, build_method(f"{spec},reconstruct=lsq").label
+    kept = {}
+    for name, key in result["plans"].items():
+        plan = PruningPlan.read(store.path(key))
+        assert abs(plan.achieved_sparsity - plan.target_sparsity) <= 0.005
+        kept[name] = {(l.layer, u) for l in plan.layers for u in l.mlp_keep}
+    assert kept[f"{label}@0.3"] <= kept[f"{label}@0.2"] != kept[f"{label}@0.3"]
+    assert kept[f"{label}@0.3"] == kept[f"{refit}@0.3"]

@@ -307,8 +307,11 @@ def test_preflight_refuses_impossible_gisp_settings():
     run("gisp")                                                    # fine
     with pytest.raises(ConfigError, match="cover all 3 layers"):
         run("gisp:protect_first=0.7")
-    with pytest.raises(ConfigError, match="beyond the trajectory"):
+    with pytest.raises(ConfigError, match="beyond the trajectory, which ends at 0.60"):
         run("gisp", 0.65)
+    run("gisp:heads=false", 0.35)                                  # MLP only: ends at 0.35
+    with pytest.raises(ConfigError, match="ends at 0.35"):
+        run("gisp:heads=false", 0.4)
     margin = "gisp:objective=margin,task=siqa_local"
     run(margin, mc_tasks=["siqa_local"], mc_limit=300)
     with pytest.raises(ConfigError, match="training split holds; use at most 1218"):

@@ -64,6 +64,12 @@ def removable_fraction(shape: ModelShape, settings: GispSettings) -> float:
     return free * per_layer / prunable_params(shape)
 
 
+def trajectory_end(shape: ModelShape, settings: GispSettings, largest: float) -> float:
+    """Where the trajectory stops: ``largest`` (the path grid's largest target), or the
+    largest whole percent the protected layers and floors allow when that is less."""
+    return min(largest, math.floor(removable_fraction(shape, settings) * 100 + 1e-9) / 100)
+
+
 def check_settings(shape: ModelShape, settings: GispSettings) -> None:
     """One-line errors before any work: no prunable layer, a goal beyond what is allowed."""
     if settings.steps < 1:

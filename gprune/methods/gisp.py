@@ -14,6 +14,7 @@ refits the kept columns like every method. The score stage only supplies the uni
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Optional
 
 import pandas as pd
@@ -23,7 +24,7 @@ from gprune.configs.surgery import Reconstruct
 from gprune.errors import ConfigError
 from gprune.maths.allocate import Allocation, Fractions, module_sizes
 from gprune.maths.gisp import (NEVER, GispSettings, check_settings, head_config, kept_at,
-                               trajectory)
+                               trajectory, trajectory_end)
 from gprune.methods.allocators import Allocator, AllocationInputs, register_allocator
 from gprune.methods.base import Method, ReconstructionParams, reconstruct_field
 
@@ -88,20 +89,18 @@ class Gisp(Method):
                 raise ConfigError(f"method {self.label}: --mc-limit {choice.mc_limit} would "
                                   f"evaluate {p.task} items its training split holds; use at "
                                   f"most {clear}")
-        end = max(allocate.path_grid)
-        if allocate.sparsity > end + 1e-9:
-            raise ConfigError(f"method {self.label}: target {allocate.sparsity:.2f} lies beyond "
-                              f"the trajectory, which ends at the path grid's largest target "
-                              f"{end:.2f}")
-        settings = GispSettings(steps=self.params.steps, end=end,
-                                protect_first=self.params.protect_first,
-                                protect_last=self.params.protect_last,
-                                floor=allocate.mlp_floor,
+        settings = GispSettings(steps=p.steps, protect_first=p.protect_first,
+                                protect_last=p.protect_last, floor=allocate.mlp_floor,
                                 prune_attention=allocate.prune_attention)
         try:
-            check_settings(shape, settings)
+            check_settings(shape, replace(settings, end=0.0))
         except ValueError as err:
             raise ConfigError(f"method {self.label}: {err}") from None
+        end = trajectory_end(shape, settings, max(allocate.path_grid))
+        if allocate.sparsity > end + 1e-9:
+            raise ConfigError(f"method {self.label}: target {allocate.sparsity:.2f} lies beyond "
+                              f"the trajectory, which ends at {end:.2f} (the path grid's "
+                              "largest target, or what the protected layers and floors allow)")
 
     def allocator_params(self) -> dict:
         p = self.params
@@ -135,11 +134,12 @@ class GispAllocator(Allocator):
 
         from gprune.maths.gisp_taylor import masked_scores
 
-        settings = cls.settings(inputs, max(grid))
+        settings = cls.settings(inputs, 0.0)
         try:
             check_settings(inputs.shape, settings)
         except ValueError as err:
             raise ConfigError(f"gisp: {err}") from None
+        settings = replace(settings, end=trajectory_end(inputs.shape, settings, max(grid)))
         objective = inputs.params.get("objective", "perplexity")
         if objective == "margin":
             model, adapter, items = inputs.task_items(inputs.params["task"],
