@@ -37,6 +37,7 @@ STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "corpus": ("tasks.corpus",),
     "capture": ("tasks.capture",),
     "gram": ("tasks.gram",),
+    "contexts": ("tasks.contexts",),
     "stats": ("tasks.stats",),
     "partition": ("tasks.partition",),
     "score": ("tasks.score",),

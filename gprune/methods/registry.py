@@ -25,7 +25,7 @@ MethodSpec = Union[str, dict[str, Any]]
 def load_plugins() -> tuple[str, ...]:
     """Import the built-in methods and every installed plugin (once); their names."""
     from gprune.methods import gprune  # noqa: F401  (first: the default method)
-    from gprune.methods import flap, magnitude_sp, wanda_sp  # noqa: F401
+    from gprune.methods import fang, flap, magnitude_sp, wanda_sp  # noqa: F401
 
     for point in entry_points(group=ENTRY_POINT_GROUP):
         try:
