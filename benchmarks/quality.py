@@ -7,8 +7,9 @@ evaluated once:
 
 - main:      gprune (its default: peak-over-sources scores, heads kept, learned path with
              the KL check, lsq refit), flap, flap+lsq, wanda_sp, wanda_sp+lsq,
-             magnitude_sp, calibrated on 4 sources pooled, at ``--sparsities``, for every
-             seed of ``--seeds`` (calibration resampling);
+             magnitude_sp, and FANG's fang_flap (bias) and fang_obc (lsq) with their contexts
+             stage (one per seed, shared by both), calibrated on 4 sources pooled, at
+             ``--sparsities``, for every seed of ``--seeds`` (calibration resampling);
 - mlp_only:  uniform Wanda-sp pruning MLP channels only (every head kept), with and
              without lsq: the hand-made plan of issue 15, first seed;
 - single:    flap and gprune on one general-text source (the published protocol's kind of
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CALIBRATION = ["wikipedia", "web", "code", "news"]
 HELD_OUT = ["docs", "math"]   # never a calibration source of any run
 BASELINES = ("flap", "wanda_sp", "magnitude_sp")
+FANG = ("fang_flap", "fang_obc")   # F-FANG and O-FANG (arXiv 2512.23014, issue 17)
 # one component of gprune's default changed at a time, and METHOD.md's whole reading
 ABLATIONS = ("k=4", "k=4,gate=true", "heads=true", "aggregate=normalized_mean",
              "allocator=uniform", "k=4,gate=true,aggregate=normalized_mean,heads=true")
@@ -81,7 +83,7 @@ def groups(args) -> dict[str, dict]:
     lsq = [f"{b}:reconstruct=lsq" for b in ("flap", "wanda_sp")]
     return {
         "main": dict(sources=CALIBRATION, sparsities=args.sparsities,
-                     methods=["gprune", *BASELINES, *lsq]),
+                     methods=["gprune", *BASELINES, *lsq, *FANG]),
         "mlp_only": dict(sources=CALIBRATION, sparsities=args.sparsities, prune_attention=False,
                          methods=["wanda_sp", "wanda_sp:reconstruct=lsq"]),
         "single": dict(sources=[args.single_source], sparsities=args.sparsities,
