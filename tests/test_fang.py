@@ -236,3 +236,31 @@ def test_fang_needs_its_contexts():
     units = random_units()
     with pytest.raises(ConfigError, match="contexts"):
         Fang.score_units(units, units[["layer", "kind", "unit"]].assign(module=0))
+
+
+# ---- through the flow ------------------------------------------------------------------
+TINY_FLOW = dict(model="tiny:llama", sources=["wikipedia", "docs"], sparsities=[0.3],
+                 methods=["fang_flap:pca_dim=8,sample_tokens=160",
+                          "fang_obc:pca_dim=8,sample_tokens=160"],
+                 capture_sequences=4, capture_seq_len=32, capture_batch_size=2,
+                 evaluate=False, mc_tasks=[], speed=False, device="cpu")
+
+
+def test_the_flow_shares_one_contexts_artifact_and_same_seed_gives_same_plan(prefect_api,
+                                                                          tmp_path):
+    from artifacts.store import ArtifactStore
+    from flows.gprune_flow import gprune_flow
+    from gprune.maths.plan import PruningPlan
+
+    plans = []
+    for run in ("a", "b"):
+        state = gprune_flow(config=TINY_FLOW, store=str(tmp_path / run), return_state=True)
+        assert state.is_completed(), state.message
+        store = ArtifactStore(tmp_path / run)
+        assert len(list((tmp_path / run / "contexts").iterdir())) == 1   # both variants
+        plans.append({name: PruningPlan.read(store.read(key, stage="allocate").path)
+                      for name, key in state.result()["plans"].items()})
+    for name, plan in plans[0].items():
+        assert abs(plan.achieved_sparsity - 0.3) <= 0.005
+        assert plan.reconstruct == ("lsq" if name.startswith("fang_obc") else "bias")
+        assert plan.layers == plans[1][name].layers
