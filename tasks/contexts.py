@@ -8,7 +8,8 @@ layer), ``gprune.maths.contexts``. Files, one per decoder layer, ``layer_000.saf
 ...:
 
 ``z``         (n, pca_dim) float32   the sampled MLP inputs in the PCA basis
-``acts``      (n, d_mlp) float16     their MLP channel activations (output-projection input)
+``acts``      (n, d_mlp) float16     their MLP channel activations (output-projection input;
+                                     float32 when one exceeds float16's range)
 ``centroids`` (k, pca_dim) float32   the k-means context centroids
 ``mean`` (hidden,), ``basis`` (hidden, pca_dim) float32: the PCA
 ``w_out_sq``  (d_mlp,) float32       ||W_out[:, c]||^2 of the MLP output projection
@@ -113,7 +114,9 @@ def _cluster(captures, layer: int, w_out: torch.Tensor,
     mean, basis = pca(inputs, config.pca_dim)                              # (h,), (h, dim)
     z = (inputs.double() - mean) @ basis                                   # (n, dim)
     centroids = kmeans(z, config.k, config.seed, config.kmeans_iters)      # (k, dim)
-    return {"z": z.float().contiguous(), "acts": acts.half().contiguous(),
+    small = float(acts.abs().max()) < 6e4         # float16 keeps it finite, else float32
+    return {"z": z.float().contiguous(),
+            "acts": (acts.half() if small else acts).contiguous(),
             "centroids": centroids.float().contiguous(), "mean": mean.float().contiguous(),
             "basis": basis.float().contiguous(),
             "w_out_sq": w_out.detach().float().square().sum(0).cpu().contiguous()}

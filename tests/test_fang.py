@@ -235,7 +235,8 @@ def test_a_family_whose_mlp_input_cannot_be_hooked_is_refused():
 def test_fang_needs_its_contexts():
     units = random_units()
     with pytest.raises(ConfigError, match="contexts"):
-        Fang.score_units(units, units[["layer", "kind", "unit"]].assign(module=0))
+        Fang.score_units(units, units[["layer", "kind", "unit"]].assign(module=0),
+                         **Fang().score_settings())
 
 
 # ---- through the flow ------------------------------------------------------------------

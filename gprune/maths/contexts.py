@@ -69,6 +69,7 @@ class ContextCapture(HookedPass):
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         self.acts: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         self._picked: torch.Tensor | None = None                    # this batch's local rows
+        self._real: torch.Tensor | None = None                      # the batch's real tokens
 
     def _register(self) -> None:
         for i, (block, out) in enumerate(self.blocks):

@@ -77,9 +77,10 @@ class Fang(Method):
                 "shared_floor": p.shared_floor, "spread": p.spread}
 
     @classmethod
-    def score_units(cls, units, modules_of_units, contexts=None, layers=None, variant="flap",
-                    tau=0.5, shared=True, shared_floor=1.0, spread=0.5):
-        """FLAP's scores for heads; every MLP channel scored inside its FANG group."""
+    def score_units(cls, units, modules_of_units, contexts=None, layers=None, *,
+                    variant, tau, shared, shared_floor, spread):
+        """FLAP's scores for heads; every MLP channel scored inside its FANG group
+        (``contexts``: the contexts artifact's layers; ``layers``: the stats' cosine)."""
         from gprune.maths.fang import layer_groups
 
         if contexts is None or layers is None:
