@@ -14,7 +14,7 @@ layer), ``gprune.maths.contexts``. Files, one per decoder layer, ``layer_000.saf
 ``mean`` (hidden,), ``basis`` (hidden, pca_dim) float32: the PCA
 ``w_out_sq``  (d_mlp,) float32       ||W_out[:, c]||^2 of the MLP output projection
 
-Manifest extra: sources, tokens (per source), sampled (per source), bytes (files),
+Reader: ``tasks.contexts_files.read_contexts``. Manifest extra: sources, tokens (per source), sampled (per source), bytes (files),
 memory_bytes (the float32 samples while the pass runs), pass_seconds, cluster_seconds,
 model_path, family.
 """
@@ -24,7 +24,7 @@ import logging
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from artifacts.store import ArtifactStore
 from gprune.configs.capture import CaptureConfig
@@ -34,13 +34,10 @@ from gprune.maths.contexts import (check_sample, kmeans, mlp_blocks, pca, sample
                                    sample_contexts, sample_rows)
 from gprune.models.loader import load_model, resolve_device, resolve_model
 from tasks.base import run_stage, stage_spec
+from tasks.contexts_files import layer_file, read_contexts  # noqa: F401 (the reader)
 
 log = logging.getLogger("gprune")
-STAGE = "contexts"
-
-
-def layer_file(layer: int) -> str:
-    return f"layer_{layer:03d}.safetensors"
+STAGE = "contexts"   # tasks.contexts_files.STAGE
 
 
 def run_contexts(config: ContextsConfig, store: ArtifactStore, model: str,
@@ -121,9 +118,3 @@ def _cluster(captures, layer: int, w_out: torch.Tensor,
             "basis": basis.float().contiguous(),
             "w_out_sq": w_out.detach().float().square().sum(0).cpu().contiguous()}
 
-
-def read_contexts(store: ArtifactStore, key: str) -> list[dict[str, torch.Tensor]]:
-    """Every layer's tensors of a contexts artifact (float32)."""
-    art = store.read(key, stage=STAGE)
-    return [{name: t.float() for name, t in load_file(str(art.file(layer_file(i)))).items()}
-            for i in range(art.extra["layers"])]

@@ -33,7 +33,7 @@ def run_score(config: ScoreConfig, store: ArtifactStore, stats_key: str, partiti
         modules_of_units = pd.read_parquet(partition.file("modules.parquet"))
         extra = {}
         if contexts_key:
-            from tasks.contexts import read_contexts
+            from tasks.contexts_files import read_contexts
 
             extra = {"contexts": read_contexts(store, contexts_key),
                      "layers": pd.read_parquet(stats.file("layers.parquet"))}
