@@ -222,6 +222,15 @@ def test_bad_fang_parameters_fail_in_one_line(spec, message):
     assert "\n" not in str(err.value)
 
 
+def test_k_beyond_the_available_calibration_tokens_is_refused_before_the_pass():
+    from gprune.maths.contexts import check_sample
+
+    check_sample(7, 64, 2048, available=2048)
+    with pytest.raises(ConfigError, match=r"k=7 contexts need at least 56 tokens, 40 are "
+                                          r"available \(40 calibration tokens\)"):
+        check_sample(7, 4, 2048, available=40)
+
+
 def test_a_family_whose_mlp_input_cannot_be_hooked_is_refused():
     from dataclasses import replace
 
