@@ -106,10 +106,6 @@ class Fang(Method):
         modules["metric_used"], modules["reason"] = "activation", "fang group"
         return scores, modules
 
-    @property
-    def prunes_heads(self) -> bool:
-        return self.params.heads
-
 
 class FangFlap(Fang):
     name = "fang_flap"
