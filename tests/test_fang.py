@@ -94,12 +94,13 @@ def test_group_scores_weight_each_group_by_its_context(variant):
 
 
 # ---- groups --------------------------------------------------------------------------
-@pytest.mark.parametrize("c, k", [(96, 7), (50, 3), (1536, 7)])
-def test_groups_have_equal_sizes_and_cover_every_channel_once(c, k):
+@pytest.mark.parametrize("c, k, shared", [(96, 7, True), (50, 3, True), (1536, 7, True),
+                                           (50, 3, False), (41, 1, True), (40, 1, False)])
+def test_groups_have_equal_sizes_and_cover_every_channel_once(c, k, shared):
     assoc = torch.rand(k, c, generator=torch.Generator().manual_seed(c)).double()
-    labels = assign_groups(assoc)
-    assert labels.shape == (c,) and set(labels.tolist()) == set(range(k + 1))
-    sizes = np.bincount(labels)
+    labels = assign_groups(assoc, shared)
+    assert labels.shape == (c,) and set(labels.tolist()) == set(range(1 - shared, k + 1))
+    sizes = np.bincount(labels)[1 - shared:]
     assert sizes.sum() == c and sizes.max() - sizes.min() <= 1
 
 

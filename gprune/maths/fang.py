@@ -68,6 +68,9 @@ def assign_groups(assoc: torch.Tensor, shared: bool = True) -> np.ndarray:
         labels[shared_channels(assoc, sizes[0])] = SHARED
         sizes = sizes[1:]
     rest = np.flatnonzero(labels < 0)                                        # (m,)
+    if k == 1:                                   # one context: nothing to assign
+        labels[rest] = 1
+        return labels
     norm = (assoc / assoc.mean(1, keepdim=True).clamp(min=1e-30)).numpy()
     slots = np.repeat(np.arange(k), sizes)                                   # (m,) context per slot
     cost = -norm[slots][:, rest]                                             # (m slots, m channels)
