@@ -24,6 +24,7 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,7 @@ STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "corpus": ("tasks.corpus",),
     "capture": ("tasks.capture",),
     "gram": ("tasks.gram",),
+    "contexts": ("tasks.contexts",),
     "stats": ("tasks.stats",),
     "partition": ("tasks.partition",),
     "score": ("tasks.score",),
@@ -163,12 +165,18 @@ def closure(roots: tuple[str, ...], dirs: tuple[tuple[str, Path], ...]) -> tuple
     return tuple(sorted(seen))
 
 
+# CPython 3.11's ast.parse is not thread-safe ("AST constructor recursion depth mismatch"
+# when stage tasks of the thread runner compute digests at once): one parse at a time
+_PARSING = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _analysis(path: Path, module: str) -> tuple[tuple[str, ...], str]:
     """(modules the file imports, hash of its normalized source), parsed once."""
     source = path.read_text(encoding="utf-8")
-    imported = imports_of(source, module, is_package=path.name == "__init__.py")
-    return tuple(imported), hashlib.sha256(normalized_source(source).encode()).hexdigest()
+    with _PARSING:
+        imported = imports_of(source, module, is_package=path.name == "__init__.py")
+        return tuple(imported), hashlib.sha256(normalized_source(source).encode()).hexdigest()
 
 
 def _with_parents(name: str) -> list[str]:

@@ -7,8 +7,9 @@ evaluated once:
 
 - main:      gprune (its default: peak-over-sources scores, heads kept, learned path with
              the KL check, lsq refit), flap, flap+lsq, wanda_sp, wanda_sp+lsq,
-             magnitude_sp, calibrated on 4 sources pooled, at ``--sparsities``, for every
-             seed of ``--seeds`` (calibration resampling);
+             magnitude_sp, and FANG's fang_flap (bias) and fang_obc (lsq) with their contexts
+             stage (one per seed, shared by both), calibrated on 4 sources pooled, at
+             ``--sparsities``, for every seed of ``--seeds`` (calibration resampling);
 - mlp_only:  uniform Wanda-sp pruning MLP channels only (every head kept), with and
              without lsq: the hand-made plan of issue 15, first seed;
 - single:    flap and gprune on one general-text source (the published protocol's kind of
@@ -31,7 +32,7 @@ Evaluation: held-out perplexity on every source (the 4 calibration domains and t
 never-calibrated docs + math; ``--eval-tokens`` 4096 = 8 windows of 512 per source). One
 report per seed is written to the store; ``--out`` gets ``quality_summary.csv`` (per run and
 seed) and ``quality_by_method.csv`` (mean and standard deviation over seeds). The last lines
-compare gprune with the best baseline (refit baselines included) and with dense on the
+compare gprune with the best other method (refit baselines, FANG and GISP included) and with dense on the
 never-calibrated perplexity at each of 0.3 and 0.4; the very last is at 0.4.
 
     python benchmarks/quality.py                      # about two hours on a 2-core CPU
@@ -55,6 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CALIBRATION = ["wikipedia", "web", "code", "news"]
 HELD_OUT = ["docs", "math"]   # never a calibration source of any run
 BASELINES = ("flap", "wanda_sp", "magnitude_sp")
+FANG = ("fang_flap", "fang_obc")   # F-FANG and O-FANG (arXiv 2512.23014, issue 17)
+COMPETITORS = (*BASELINES, *FANG, "gisp")   # what gprune's headline ratio compares against
 # one component of gprune's default changed at a time, and METHOD.md's whole reading
 GROUPS = ("main", "mlp_only", "single", "gisp", "margin", "ablations")
 ABLATIONS = ("k=4", "k=4,gate=true", "heads=true", "aggregate=normalized_mean",
@@ -89,7 +92,7 @@ def groups(args) -> dict[str, dict]:
     lsq = [f"{b}:reconstruct=lsq" for b in ("flap", "wanda_sp")]
     return {
         "main": dict(sources=CALIBRATION, sparsities=args.sparsities,
-                     methods=["gprune", *BASELINES, *lsq]),
+                     methods=["gprune", *BASELINES, *lsq, *FANG]),
         "mlp_only": dict(sources=CALIBRATION, sparsities=args.sparsities, prune_attention=False,
                          methods=["wanda_sp", "wanda_sp:reconstruct=lsq"]),
         "single": dict(sources=[args.single_source], sparsities=args.sparsities,
@@ -165,7 +168,7 @@ def headlines(table) -> list[str]:
     dense = table[table.sparsity == 0].ppl_heldout_mean.min()
     for target in (0.3, 0.4):
         at = table[(table.sparsity - target).abs() < 1e-9].set_index("method")
-        base = at[at.index.map(lambda m: m.split(":")[0].split(" ")[0] in BASELINES)]
+        base = at[at.index.map(lambda m: m.split(":")[0].split(" ")[0] in COMPETITORS)]
         if "gprune" not in at.index or base.empty:
             continue
         best = base.ppl_heldout_mean.idxmin()

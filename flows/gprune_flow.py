@@ -1,6 +1,7 @@
 """The ``gprune`` Prefect flow: every stage, chained as tasks that exchange artifact keys.
 
     corpus (mapped) -> capture (mapped over sources) -> stats -> partition -> score
+      (+ contexts, FANG's token contexts over the sources, when a method needs them)
       (+ gram, mapped over sources, when a method needs Gram statistics: each capture
        then accumulates its source's Grams in the same forward pass, and the gram tasks
        only reuse them unless the captures were cached or the gram is forced)
@@ -32,6 +33,7 @@ from artifacts.store import ArtifactStore
 from flows import stages
 from flows.cache import source_stamp
 from flows.runners import make_task_runner
+from gprune.configs.contexts import ContextsConfig
 from gprune.configs.gram import GramConfig
 from gprune.configs.pipeline import PipelineConfig, preflight
 from gprune.configs.report import ReportConfig
@@ -61,9 +63,11 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
               for s in config.sources])
     stats_key = stages.stats.submit(StatsConfig(), root, capture_keys,
                                     force=config.forced("stats"))
+    contexts: dict[str, Any] = {}
     plans, checkpoints, gram_keys = _targets(
         config, root, stats_key,
-        lambda: _grams(config, root, ref.fingerprint, corpora, companions, capture_keys))
+        lambda: _grams(config, root, ref.fingerprint, corpora, companions, capture_keys),
+        lambda method: _contexts(config, root, ref.fingerprint, corpora, method, contexts))
     result = {"store": root, "stats": stats_key.result(),
               "plans": {name: f.result() for name, f in plans.items()},
               "checkpoints": {name: f.result() for name, f in checkpoints.items()}}
@@ -117,8 +121,25 @@ def _grams(config: PipelineConfig, root: str, fingerprint: str, corpora: dict,
     return dict(zip(config.sources, futures))
 
 
+def _contexts(config: PipelineConfig, root: str, fingerprint: str, corpora: dict,
+              method: Method, submitted: dict):
+    """The contexts task of a method that needs "contexts" (None otherwise), one per
+    distinct config (FANG variants with equal settings share it)."""
+    if "contexts" not in method.needs:
+        return None
+    cfg = ContextsConfig.from_captures([config.capture_config(s) for s in config.sources],
+                                       **method.contexts_settings())
+    ident = cfg.model_dump_json()
+    if ident not in submitted:
+        submitted[ident] = stages.contexts.submit(
+            cfg, root, config.model, fingerprint, [corpora[s] for s in config.sources],
+            force=config.forced("contexts"))
+    return submitted[ident]
+
+
 def _targets(config: PipelineConfig, root: str, stats_key,
-             submit_grams: Callable[[], dict]) -> tuple[dict, dict, dict]:
+             submit_grams: Callable[[], dict],
+             contexts_of: Callable[[Method], Any]) -> tuple[dict, dict, dict]:
     """Partition and score once per distinct config, a path once per method that uses
     one, then allocate + surgery per target; returns (plans, checkpoints, gram futures).
 
@@ -128,7 +149,8 @@ def _targets(config: PipelineConfig, root: str, stats_key,
     runs while the Grams accumulate."""
     methods = config.method_objects()
     scored: dict[str, Any] = {}
-    scores = {m.label: _score(config, root, stats_key, m, scored) for m in methods}
+    scores = {m.label: _score(config, root, stats_key, m, scored, contexts_of(m))
+              for m in methods}
     gram_path = {m.label: allocator(m.allocator).needs_gram for m in methods}
     paths = {m.label: _path(config, root, stats_key, scores[m.label], m, None)
              for m in methods if not gram_path[m.label]}
@@ -167,17 +189,20 @@ def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Metho
                               gram_keys=grams if needs_gram else None)
 
 
-def _score(config: PipelineConfig, root: str, stats_key, method: Method, scored: dict) -> Any:
-    """Partition and score tasks, shared by methods whose configs are equal."""
+def _score(config: PipelineConfig, root: str, stats_key, method: Method, scored: dict,
+           contexts=None) -> Any:
+    """Partition and score tasks, shared by methods whose configs are equal; ``contexts``:
+    the contexts task future of a method that reads one."""
     part_cfg, score_cfg = method.partition_config(), method.score_config()
     part_id = part_cfg.model_dump_json()
-    score_id = part_id + score_cfg.model_dump_json()
+    score_id = part_id + score_cfg.model_dump_json() + str(id(contexts) if contexts else "")
     if part_id not in scored:
         scored[part_id] = stages.partition.submit(part_cfg, root, stats_key,
                                                   force=config.forced("partition"))
     if score_id not in scored:
         scored[score_id] = stages.score.submit(score_cfg, root, stats_key, scored[part_id],
-                                               force=config.forced("score"))
+                                               force=config.forced("score"),
+                                               contexts_key=contexts)
     return scored[score_id]
 
 

@@ -17,6 +17,7 @@ from flows.cache import ARTIFACT_CACHE, run_cached
 from gprune.configs.allocate import AllocateConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
+from gprune.configs.contexts import ContextsConfig
 from gprune.configs.corpus import CorpusConfig
 from gprune.configs.export import ExportConfig
 from gprune.configs.gram import GramConfig
@@ -80,13 +81,24 @@ def partition(config: PartitionConfig, store_root: str, stats_key: str,
                       lambda s: run_partition(config, s, stats_key, force=force))
 
 
+@task(name="contexts", **STAGE_TASK)
+def contexts(config: ContextsConfig, store_root: str, model: str, model_fingerprint: str,
+             corpus_keys: list[str], force: bool = False) -> str:
+    """FANG's token contexts over the calibration sources (one artifact for every target)."""
+    from tasks.contexts import run_contexts
+
+    return run_cached("contexts", store_root, lambda s: run_contexts(
+        config, s, model, list(corpus_keys), force=force))
+
+
 @task(name="score", **STAGE_TASK)
 def score(config: ScoreConfig, store_root: str, stats_key: str, partition_key: str,
-          force: bool = False) -> str:
+          force: bool = False, contexts_key: Optional[str] = None) -> str:
+    """``contexts_key``: the contexts artifact (methods that need "contexts")."""
     from tasks.score import run_score
 
-    return run_cached("score", store_root,
-                      lambda s: run_score(config, s, stats_key, partition_key, force=force))
+    return run_cached("score", store_root, lambda s: run_score(
+        config, s, stats_key, partition_key, force=force, contexts_key=contexts_key))
 
 
 @task(name="path", task_run_name="path-{method}", **STAGE_TASK)

@@ -19,6 +19,8 @@ STAGE_HELP = {
     "capture": "stage 1: activation statistics of one source",
     "gram": "stage 1b: Gram matrices of the output-projection inputs of one source "
             "(capture's tokens; for lsq reconstruction)",
+    "contexts": "stage 1c: FANG's token contexts: sampled MLP inputs per layer, PCA, k-means "
+                "(capture's tokens, every source)",
     "stats": "stage 2: per-unit metrics, ranks and sensitivity over captures",
     "partition": "stage 3: module partition of each layer",
     "score": "stage 4: unit scores by a method (gprune: reliability-gated, module-local)",

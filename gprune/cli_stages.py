@@ -23,6 +23,10 @@ def _corpus(p):
 
 def _capture(p):
     _corpus(p)
+    _capture_pass(p)
+
+
+def _capture_pass(p):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--n-sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -34,6 +38,14 @@ def _gram(p):
     _capture(p)   # the capture's options: equal values select exactly the capture's tokens
     p.add_argument("--storage-dtype", choices=["float32", "float64"], default="float32",
                    help="dtype of the stored Grams (accumulation is always float64)")
+
+
+def _contexts(p):
+    p.add_argument("--sources", nargs="+", required=True, help="calibration sources, in order")
+    p.add_argument("--seed", type=int, default=0)
+    _capture_pass(p)   # the capture's options, for every source
+    _method(p, "; its contexts settings (k, pca_dim, sample_tokens) are used")
+    p.set_defaults(method="fang")
 
 
 def _stats(p):
@@ -56,6 +68,7 @@ def _partition(p):
 def _score(p):
     p.add_argument("--stats", required=True)
     p.add_argument("--partition", required=True)
+    p.add_argument("--contexts", help="contexts key (methods that need it: fang)")
     _method(p, "; its score settings are used")
 
 
@@ -143,7 +156,8 @@ def _report(p):
                    help="perplexity, choice and speed keys (any mix; one per stage and model)")
 
 
-ADDERS = {"corpus": _corpus, "capture": _capture, "gram": _gram, "stats": _stats,
+ADDERS = {"corpus": _corpus, "capture": _capture, "gram": _gram, "contexts": _contexts,
+          "stats": _stats,
           "partition": _partition,
           "score": _score, "path": _path, "allocate": _allocate, "surgery": _surgery,
           "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report, "export": _export}
@@ -164,16 +178,17 @@ def _run_corpus(args, store):
     return run_corpus(CorpusConfig.build(source=args.source, seed=args.seed), store, force=args.force)
 
 
-def _capture_inputs(args, store):
-    """(CaptureConfig, corpus key) from the capture options (capture and gram)."""
+def _capture_inputs(args, store, source: str | None = None):
+    """(CaptureConfig, corpus key) from the capture options (capture, gram, contexts)."""
     from gprune.configs.capture import CaptureConfig
     from gprune.configs.corpus import CorpusConfig
     from tasks.corpus import run_corpus
 
-    config = CaptureConfig.build(source=args.source, n_sequences=args.n_sequences,
+    source = source or args.source
+    config = CaptureConfig.build(source=source, n_sequences=args.n_sequences,
                                  seq_len=args.seq_len, batch_size=args.batch_size,
                                  seed=args.seed, device=args.device)
-    return config, run_corpus(CorpusConfig.build(source=args.source, seed=args.seed), store)
+    return config, run_corpus(CorpusConfig.build(source=source, seed=args.seed), store)
 
 
 def _run_capture(args, store):
@@ -190,6 +205,17 @@ def _run_gram(args, store):
     capture, corpus_key = _capture_inputs(args, store)
     config = GramConfig.from_capture(capture, storage_dtype=args.storage_dtype)
     return run_gram(config, store, args.model, corpus_key, force=args.force)
+
+
+def _run_contexts(args, store):
+    from gprune.configs.contexts import ContextsConfig
+    from gprune.methods.registry import build_method
+    from tasks.contexts import run_contexts
+
+    captures, keys = zip(*(_capture_inputs(args, store, source) for source in args.sources))
+    config = ContextsConfig.from_captures(list(captures),
+                                          **build_method(args.method).contexts_settings())
+    return run_contexts(config, store, args.model, list(keys), force=args.force)
 
 
 def _run_stats(args, store):
@@ -212,7 +238,8 @@ def _run_score(args, store):
     from tasks.score import run_score
 
     config = build_method(args.method).score_config()
-    return run_score(config, store, args.stats, args.partition, force=args.force)
+    return run_score(config, store, args.stats, args.partition, force=args.force,
+                     contexts_key=args.contexts)
 
 
 def _allocate_config(args, sparsity: float):
@@ -304,6 +331,7 @@ def _run_export(args, store):
 
 
 RUNNERS = {"corpus": _run_corpus, "capture": _run_capture, "gram": _run_gram,
+           "contexts": _run_contexts,
            "stats": _run_stats,
            "partition": _run_partition, "score": _run_score, "path": _run_path,
            "allocate": _run_allocate,

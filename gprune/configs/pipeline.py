@@ -23,7 +23,7 @@ from gprune.configs.surgery import SurgeryConfig
 from gprune.errors import ConfigError
 from gprune.methods.registry import Method, MethodSpec, build_method
 
-STAGES = ("corpus", "capture", "gram", "stats", "partition", "score", "path", "allocate",
+STAGES = ("corpus", "capture", "gram", "contexts", "stats", "partition", "score", "path", "allocate",
           "surgery", "export", "perplexity", "choice", "speed", "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
@@ -164,6 +164,13 @@ def preflight(config: PipelineConfig):
             raise ConfigError(f"method {method.label} needs distribution sensitivity from >= "
                               f"{method.needs_sources} sources; add --sources or use "
                               f"{method.name}:gate=false")
+        if "contexts" in method.needs:   # FANG: K contexts + a shared group must fit
+            from gprune.configs.contexts import ContextsConfig
+            from gprune.maths.fang import group_sizes
+
+            ContextsConfig.from_captures([config.capture_config(s) for s in config.sources],
+                                         **method.contexts_settings())
+            group_sizes(shape.intermediate, method.params.k + 1)
         k = method.partition_config().k
         if k > shape.intermediate:
             raise ConfigError(f"method {method.label}: k={k} exceeds the {shape.intermediate} "

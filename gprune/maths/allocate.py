@@ -9,7 +9,7 @@ parameter budget, and ``harden`` picks the best-scored units of each module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,11 @@ class Fractions:
     mlp: dict[ModuleId, float]
     mlp_sizes: dict[ModuleId, int]
     attn: dict[int, float]
+    floors: dict[ModuleId, float] = field(default_factory=dict)  # per-module keep floors
+
+    def floor_of(self, module: ModuleId, floor: float) -> int:
+        """The fewest channels ``module`` keeps: the global floor or its own, the larger."""
+        return mlp_floor(self.mlp_sizes[module], max(floor, self.floors.get(module, 0.0)))
 
 
 def module_sizes(scores: pd.DataFrame) -> dict[ModuleId, int]:
@@ -58,7 +63,7 @@ def _mlp_counts(fr: Fractions, shift: float, floor: float) -> dict[ModuleId, int
     counts = {}
     for module, size in fr.mlp_sizes.items():
         want = math.ceil(min(max(fr.mlp[module] + shift, 0.0), 1.0) * size - 1e-9)
-        counts[module] = min(size, max(want, mlp_floor(size, floor)))
+        counts[module] = min(size, max(want, fr.floor_of(module, floor)))
     return counts
 
 
@@ -107,7 +112,7 @@ def project(fr: Fractions, shape: ModelShape, sparsity: float, floor: float,
 def _step_up_heads(alloc: Allocation, fr: Fractions, shape: ModelShape, target: float,
                    floor: float) -> bool:
     """Give one layer its next larger head configuration if the floors still fit the budget."""
-    floors = Allocation({m: mlp_floor(n, floor) for m, n in fr.mlp_sizes.items()}, {})
+    floors = Allocation({m: fr.floor_of(m, floor) for m in fr.mlp_sizes}, {})
     by_want = sorted(fr.attn, key=lambda l: -(fr.attn[l] * shape.heads - _heads(alloc, l)))
     for layer in by_want:
         bigger = [gr for gr in feasible_head_counts(shape) if gr[0] * gr[1] > _heads(alloc, layer)]

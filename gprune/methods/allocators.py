@@ -179,3 +179,19 @@ class RefitError(Allocator):
                                              inputs.sparsity)
         return fractions, [{"layer": l, "kind": k, "keep": f, "error": e}
                            for l, k, f, e in chosen]
+
+
+@register_allocator
+class FunctionalComplexity(Allocator):
+    """FANG's block sparsity: blocks that change the hidden state more (1 - cosine) keep
+    more, in [0.5 S, 1.5 S] averaged to S; inside a block the shared group keeps its floor
+    and the context groups share the rest (``gprune.maths.fang.fang_fractions``)."""
+
+    name = "fang"
+
+    @classmethod
+    def fractions(cls, inputs):
+        from gprune.maths.fang import fang_fractions
+
+        return fang_fractions(inputs.scores, inputs.shape, inputs.sparsity,
+                              inputs.prune_attention), []

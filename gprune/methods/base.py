@@ -34,7 +34,7 @@ from gprune.maths.score import score_units
 from gprune.methods.allocators import allocator as allocator_class
 from gprune.methods.importance import importance, signal_of
 
-STATISTICS = frozenset({"moments", "weights", "gram"})  # what capture, stats and gram provide
+STATISTICS = frozenset({"moments", "weights", "gram", "contexts"})  # capture, stats, gram, contexts
 METHODS: dict[str, type["Method"]] = {}
 
 

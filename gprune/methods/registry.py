@@ -17,7 +17,7 @@ from gprune.methods.base import METHODS, Method, MethodParams
 
 log = logging.getLogger("gprune")
 ENTRY_POINT_GROUP = "gprune.methods"
-BUILTINS = ("gprune", "flap", "wanda_sp", "magnitude_sp", "gisp")  # listed first, in this order
+BUILTINS = ("gprune", "flap", "wanda_sp", "magnitude_sp", "gisp", "fang_flap", "fang_obc")  # listed first, in this order
 MethodSpec = Union[str, dict[str, Any]]
 
 
@@ -25,7 +25,7 @@ MethodSpec = Union[str, dict[str, Any]]
 def load_plugins() -> tuple[str, ...]:
     """Import the built-in methods and every installed plugin (once); their names."""
     from gprune.methods import gprune  # noqa: F401  (first: the default method)
-    from gprune.methods import flap, gisp, magnitude_sp, wanda_sp  # noqa: F401
+    from gprune.methods import fang, flap, gisp, magnitude_sp, wanda_sp  # noqa: F401
 
     for point in entry_points(group=ENTRY_POINT_GROUP):
         try:
