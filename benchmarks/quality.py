@@ -32,8 +32,8 @@ Evaluation: held-out perplexity on every source (the 4 calibration domains and t
 never-calibrated docs + math; ``--eval-tokens`` 4096 = 8 windows of 512 per source). One
 report per seed is written to the store; ``--out`` gets ``quality_summary.csv`` (per run and
 seed) and ``quality_by_method.csv`` (mean and standard deviation over seeds). The last lines
-compare gprune with the best other method (refit baselines, FANG and GISP included) and with dense on the
-never-calibrated perplexity at each of 0.3 and 0.4; the very last is at 0.4.
+compare gprune with the best other method (refit baselines, FANG and GISP included) and with
+dense on the never-calibrated perplexity at each of 0.3 and 0.4; the very last is at 0.4.
 
     python benchmarks/quality.py                      # about two hours on a 2-core CPU
     python benchmarks/quality.py --seeds 0 --groups main mlp_only    # a quick look
