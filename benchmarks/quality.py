@@ -182,20 +182,23 @@ def headlines(table) -> list[str]:
 
 
 def stage_seconds(store, since: float) -> None:
-    """GISP's trajectory (path stage) against the one-shot methods' score + allocate, from
-    the manifests of artifacts built by this run."""
+    """GISP's trajectory (path stage) and FANG's contexts stage against the one-shot
+    methods' score + allocate, from the manifests of artifacts built by this run."""
     import json
     from collections import defaultdict
 
     built = defaultdict(list)
     for manifest in store.root.glob("*/*/manifest.json"):
         data = json.loads(manifest.read_text())
-        if data["stage"] not in ("path", "score", "allocate") or manifest.stat().st_mtime < since:
+        if data["stage"] not in ("path", "score", "allocate", "contexts") \
+                or manifest.stat().st_mtime < since:
             continue
         params = data.get("params", {})
         name = (params.get("method") or params.get("allocator") or "").split(":")[0]
         if data["stage"] == "path":
             name = "gisp" if params.get("allocator_params") else "gprune"
+        elif data["stage"] == "contexts":
+            name = "fang"
         built[(data["stage"], name)].append(float(data.get("seconds", 0.0)))
     for (stage, name), seconds in sorted(built.items()):
         print(f"wall time {stage} {name or '?'}: {sum(seconds) / len(seconds):.1f}s per artifact "
