@@ -77,7 +77,8 @@ class Method:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             message = first["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"method {self.name}: parameter {where}: {message}; "
+            where = f"parameter {where}: " if where else ""
+            raise ConfigError(f"method {self.name}: {where}{message}; "
                               f"parameters: {', '.join(self.Params.model_fields)}") from None
         if self.kl_check and self.reconstruct != "lsq":
             raise ConfigError(f"method {self.name}: kl_check compares plans after the lsq "
