@@ -294,7 +294,11 @@ def test_margin_scores_are_the_margin_gradient_and_need_a_training_split(tmp_pat
     with pytest.raises(ConfigError, match="needs task"):
         build_method("gisp:objective=margin")
     lone.with_suffix(".train.jsonl").write_text(lone.read_text())
-    assert build_method(f"gisp:objective=margin,task={lone}").allocator_params()["task"] == str(lone)
+    before = build_method(f"gisp:objective=margin,task={lone}").allocator_params()
+    assert before["task"] == str(lone)
+    lone.with_suffix(".train.jsonl").write_text('{"query": "q", "choices": ["a", "c"], "gold": 1}\n')
+    after = build_method(f"gisp:objective=margin,task={lone}").allocator_params()
+    assert after["task_digest"] != before["task_digest"]            # an edited split re-keys
 
 
 def test_preflight_refuses_impossible_gisp_settings():

@@ -231,6 +231,13 @@ def training_rows(spec: str) -> tuple[list[Row], int]:
     return rows, 1_000_000
 
 
+def training_digest(spec: str) -> str:
+    """sha256 (16 hex) of a task's training split: an edited file changes what keys it."""
+    rows, clear = training_rows(spec)
+    payload = json.dumps([rows, clear], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def file_task_name(path: Path) -> str:
     """lm-eval task name of a local file: its stem, lowercased, non-word chars as '_'."""
     name = re.sub(r"\W+", "_", Path(path).stem.lower()).strip("_") or "task"

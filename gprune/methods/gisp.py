@@ -107,7 +107,13 @@ class Gisp(Method):
         return {"steps": p.steps, "protect_first": p.protect_first,
                 "protect_last": p.protect_last, "sources": p.sources,
                 "sequences": p.sequences, "seq_len": p.seq_len, "objective": p.objective,
-                **({"task": p.task, "items": p.items} if p.objective == "margin" else {})}
+                **(self._margin_key() if p.objective == "margin" else {})}
+
+    def _margin_key(self) -> dict:
+        from gprune.eval.mc_tasks import training_digest
+
+        return {"task": self.params.task, "items": self.params.items,
+                "task_digest": training_digest(self.params.task)}
 
 
 @register_allocator
