@@ -130,7 +130,9 @@ def _freed(shape: ModelShape, kind: str, layer: int, units: list[int],
 
 
 def _removals(shape, settings, mlp_s, head_s, alive_mlp, alive_heads, budget: float):
-    """Yield (kind, layer, units) in ascending score until ``budget`` params are freed."""
+    """Yield (kind, layer, units) in ascending score until ``budget`` params are freed.
+    The caller marks each yielded removal dead before asking for the next: the floors and
+    a layer's next head slice read ``alive_mlp`` / ``alive_heads`` as they are then."""
     skip = protected_layers(shape.num_layers, settings.protect_first, settings.protect_last)
     layers = [l for l in range(shape.num_layers) if l not in skip]
     heap: list[tuple[float, int, str, int, tuple[int, ...]]] = []
@@ -149,8 +151,7 @@ def _removals(shape, settings, mlp_s, head_s, alive_mlp, alive_heads, budget: fl
         _score, _tie, kind, layer, units = heapq.heappop(heap)
         if kind == "mlp" and int(alive_mlp[layer].sum()) <= floors:
             continue
-        before = float(_freed_preview(shape, kind, layer, units, alive_heads))
-        freed += before
+        freed += _freed_preview(shape, kind, layer, units, alive_heads)
         yield kind, layer, list(units)
         if kind == "attn" and shape.group_size > 1:     # the layer's next slice, if any
             for candidate in _head_candidates(shape, layer, head_s, alive_heads):
