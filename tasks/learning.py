@@ -8,14 +8,19 @@ from artifacts.store import Artifact, ArtifactStore
 from gprune.configs.allocate import AllocateConfig
 
 
-def learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
-    """The dense model (on the configured device), its adapter and calibration batches;
+def dense_model(config: AllocateConfig, stats: Artifact):
+    """(model, tokenizer, adapter) of the stats' dense model on the configured device;
     seeds torch so a learning run is reproducible."""
     from gprune.models.loader import load_model, resolve_device
 
-    model, tokenizer, adapter = load_model(stats.extra["model_path"],
-                                           device=resolve_device(config.device))
+    loaded = load_model(stats.extra["model_path"], device=resolve_device(config.device))
     torch.manual_seed(config.seed)
+    return loaded
+
+
+def learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
+    """The dense model (on the configured device), its adapter and calibration batches."""
+    model, tokenizer, adapter = dense_model(config, stats)
     return model, adapter, calibration_batches(store, stats, tokenizer, config)
 
 
@@ -26,9 +31,13 @@ def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,
     ids_all = _pad_cat([ids for ids, _ in sequences], tokenizer.pad_token_id)
     mask_all = _pad_cat([mask for _, mask in sequences], 0)
     order = torch.randperm(len(ids_all), generator=torch.Generator().manual_seed(config.seed))
-    ids_all, mask_all = ids_all[order], mask_all[order]
-    return [(ids_all[i:i + config.batch_size], mask_all[i:i + config.batch_size])
-            for i in range(0, len(ids_all), config.batch_size)]
+    return batched(ids_all[order], mask_all[order], config.batch_size)
+
+
+def batched(ids: torch.Tensor, mask: torch.Tensor,
+            size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask) rows in consecutive batches of ``size``."""
+    return [(ids[i:i + size], mask[i:i + size]) for i in range(0, len(ids), size)]
 
 
 def source_sequences(store: ArtifactStore, stats: Artifact, tokenizer,
@@ -47,15 +56,9 @@ def source_sequences(store: ArtifactStore, stats: Artifact, tokenizer,
 
 def source_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     """The dense model, its adapter and per source a list of calibration batches."""
-    from gprune.models.loader import load_model, resolve_device
-
-    model, tokenizer, adapter = load_model(stats.extra["model_path"],
-                                           device=resolve_device(config.device))
-    torch.manual_seed(config.seed)
-    batches = [[(ids[i:i + config.batch_size], mask[i:i + config.batch_size])
-                for i in range(0, len(ids), config.batch_size)]
-               for ids, mask in source_sequences(store, stats, tokenizer, config)]
-    return model, adapter, batches
+    model, tokenizer, adapter = dense_model(config, stats)
+    return model, adapter, [batched(ids, mask, config.batch_size)
+                            for ids, mask in source_sequences(store, stats, tokenizer, config)]
 
 
 def _pad_cat(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -72,11 +75,9 @@ def margin_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact,
 
     from gprune.eval.mc_tasks import training_rows
     from gprune.maths.gisp_taylor import margin_items
-    from gprune.models.loader import load_model, resolve_device
 
     rows, _ = training_rows(task)
     rows = random.Random(config.seed).sample(rows, min(items, len(rows)))
-    model, tokenizer, adapter = load_model(stats.extra["model_path"],
-                                           device=resolve_device(config.device))
+    model, tokenizer, adapter = dense_model(config, stats)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, adapter, margin_items(tokenizer, rows, pad)

@@ -6,6 +6,7 @@ import torch
 
 from gprune.errors import ConfigError
 from gprune.maths.allocate import harden
+from gprune.maths.budget import prunable_params
 from gprune.maths.gisp import (NEVER, GispSettings, check_settings, kept_at, removal_params,
                                trajectory)
 from gprune.maths.gisp_taylor import margin_loss, masked_scores, next_token_loss
@@ -165,7 +166,7 @@ def test_trajectory_is_nested_and_every_target_meets_the_budget(kv_heads):
     assert history[-1]["pruned"] >= 0.5 - 1e-9 and history[0]["pruned"] >= 0.5 / 3 - 1e-9
     freed = removal_params(table, shape)
     assert float(freed.sum()) / float(history[-1]["pruned"]) == pytest.approx(
-        __import__("gprune.maths.budget", fromlist=["x"]).prunable_params(shape))
+        prunable_params(shape))
     assert (table[table.layer == shape.num_layers - 1].position == NEVER).all()   # protected
     kept_sets, heads_removed = [], False
     for sparsity in (0.1, 0.2, 0.3, 0.4, 0.5):
@@ -213,7 +214,7 @@ def test_one_step_equals_one_shot_global_pruning():
                          for u in range(shape.intermediate)]
                         + [(float(heads[l, h]), "attn", l, h) for l in range(2)
                            for h in range(shape.heads)])
-    goal = 0.45 * __import__("gprune.maths.budget", fromlist=["x"]).prunable_params(shape)
+    goal = 0.45 * prunable_params(shape)
     removed, freed, left = [], 0, {0: shape.intermediate, 1: shape.intermediate}
     for _, kind, layer, unit in candidates:
         if freed >= goal:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gprune.maths.allocate import Allocation
 from gprune.maths.budget import mlp_floor, prunable_params
 from gprune.models.adapters import ModelShape
 
@@ -256,12 +257,16 @@ def kept_at(table: pd.DataFrame, shape: ModelShape, sparsity: float,
 
 def _removed(kept: pd.DataFrame, shape: ModelShape) -> float:
     """Prunable parameters the structures not kept free (k/v of emptied groups included)."""
-    gone = kept[~kept.kept]
-    heads = gone[gone.kind == "attn"]
-    per_group = heads.groupby(["layer", heads.unit // shape.group_size]).size()
-    return float((gone.kind == "mlp").sum() * shape.params_per_channel
-                 + len(heads) * shape.q_params_per_head
-                 + (per_group == shape.group_size).sum() * shape.kv_params_per_group)
+    return float(prunable_params(shape) - allocation_of(kept, shape).kept_params(shape))
+
+
+def allocation_of(kept: pd.DataFrame, shape: ModelShape) -> Allocation:
+    """The keep counts of a ``kept_at`` table: MLP channels per layer (one module) and each
+    layer's (KV groups, heads per group)."""
+    mlp = kept[kept.kind == "mlp"].groupby("layer").kept.sum()
+    heads = kept[kept.kind == "attn"].sort_values(["layer", "unit"])
+    configs = {int(l): head_config(g.kept.to_numpy(), shape) for l, g in heads.groupby("layer")}
+    return Allocation({(int(l), 0): int(n) for l, n in mlp.items()}, configs)
 
 
 def head_config(kept_heads: np.ndarray, shape: ModelShape) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from gprune.configs.surgery import Reconstruct
 from gprune.errors import ConfigError
 from gprune.maths.allocate import Allocation, Fractions, module_sizes
-from gprune.maths.gisp import (NEVER, GispSettings, check_settings, head_config, kept_at,
+from gprune.maths.gisp import (NEVER, GispSettings, allocation_of, check_settings, kept_at,
                                trajectory, trajectory_end)
 from gprune.methods.allocators import Allocator, AllocationInputs, register_allocator
 from gprune.methods.base import Method, ReconstructionParams, reconstruct_field
@@ -126,9 +126,8 @@ class GispAllocator(Allocator):
     @classmethod
     def settings(cls, inputs: AllocationInputs, end: float) -> GispSettings:
         p = inputs.params
-        return GispSettings(steps=p.get("steps", 12), end=end,
-                            protect_first=p.get("protect_first", 0.1),
-                            protect_last=p.get("protect_last", 1), floor=inputs.mlp_floor,
+        return GispSettings(steps=p["steps"], end=end, protect_first=p["protect_first"],
+                            protect_last=p["protect_last"], floor=inputs.mlp_floor,
                             prune_attention=inputs.prune_attention)
 
     @classmethod
@@ -146,19 +145,17 @@ class GispAllocator(Allocator):
         except ValueError as err:
             raise ConfigError(f"gisp: {err}") from None
         settings = replace(settings, end=trajectory_end(inputs.shape, settings, max(grid)))
-        objective = inputs.params.get("objective", "perplexity")
+        p, objective = inputs.params, inputs.params["objective"]
         if objective == "margin":
-            model, adapter, items = inputs.task_items(inputs.params["task"],
-                                                      inputs.params.get("items", 64))
+            model, adapter, items = inputs.task_items(p["task"], p["items"])
             sources = [items]
         else:
-            model, adapter, sources = inputs.sources(inputs.params.get("sequences", 16),
-                                                     inputs.params.get("seq_len", 256))
+            model, adapter, sources = inputs.sources(p["sequences"], p["seq_len"])
         log = logging.getLogger("gprune")
 
         def scores(alive_mlp, alive_heads):
             return masked_scores(model, adapter, inputs.shape, alive_mlp, alive_heads, sources,
-                                 inputs.params.get("sources", "pooled"), objective)
+                                 p["sources"], objective)
 
         bar = tqdm(total=settings.steps, desc="gisp schedule", unit="step")
 
@@ -209,12 +206,7 @@ class GispAllocator(Allocator):
     @classmethod
     def allocation(cls, fractions, inputs) -> Allocation:
         """The trajectory's prefix exactly: no projection (it would break the nesting)."""
-        kept = cls._kept(inputs, warn=True)
-        mlp = kept[kept.kind == "mlp"].groupby("layer").kept.sum()
-        heads = kept[kept.kind == "attn"].sort_values(["layer", "unit"])
-        configs = {int(l): head_config(g.kept.to_numpy(), inputs.shape)
-                   for l, g in heads.groupby("layer")}
-        return Allocation({(int(l), 0): int(n) for l, n in mlp.items()}, configs)
+        return allocation_of(cls._kept(inputs, warn=True), inputs.shape)
 
     @classmethod
     def ranked(cls, scores, inputs) -> pd.DataFrame:
