@@ -101,23 +101,27 @@ def _module_digest(module: str, root: Optional[str]) -> str:
     dirs = _package_dirs(root)
     if _module_file(module, dirs) is None:
         return ""
-    h = hashlib.sha256(f"module-root\0{module}\n".encode())
-    for name in closure((module,), dirs):
-        h.update(f"module\0{name}\0{_analysis(_module_file(name, dirs), name)[1]}\n".encode())
-    return h.hexdigest()[:24]
+    return _digest(f"module-root\0{module}\n", (module,), dirs)[0]
 
 
 @functools.lru_cache(maxsize=None)
 def _stage_digest(stage: str, root: Optional[str]) -> CodeDigest:
-    dirs = _package_dirs(root)
-    modules = closure(STAGE_ROOTS.get(stage, ()), dirs)
+    digest, modules, files = _digest(f"stage\0{stage}\n", STAGE_ROOTS.get(stage, ()),
+                                     _package_dirs(root))
+    return CodeDigest(stage, digest, modules, files)
+
+
+def _digest(header: str, roots: tuple[str, ...], dirs: tuple[tuple[str, Path], ...]
+            ) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(digest, modules, resource files) of the project code reachable from ``roots``."""
+    modules = closure(roots, dirs)
     files = tuple(sorted(f for m in modules for f in _resources(m, dirs)))
-    h = hashlib.sha256(f"stage\0{stage}\n".encode())
+    h = hashlib.sha256(header.encode())
     for name in modules:
         h.update(f"module\0{name}\0{_analysis(_module_file(name, dirs), name)[1]}\n".encode())
     for rel in files:
         h.update(f"file\0{rel}\0{_file_hash(_resource_path(rel, dirs))}\n".encode())
-    return CodeDigest(stage, h.hexdigest()[:24], modules, files)
+    return h.hexdigest()[:24], modules, files
 
 
 @functools.lru_cache(maxsize=None)
