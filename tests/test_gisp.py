@@ -9,7 +9,8 @@ from gprune.maths.allocate import harden
 from gprune.maths.budget import prunable_params
 from gprune.maths.gisp import (NEVER, GispSettings, check_settings, kept_at, removal_params,
                                trajectory)
-from gprune.maths.gisp_taylor import margin_loss, masked_scores, next_token_loss
+from gprune.maths.gisp_taylor import margin_loss, masked_scores
+from gprune.maths.learned import next_token_loss
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.methods.allocators import AllocationInputs
 from gprune.methods.gisp import GispAllocator

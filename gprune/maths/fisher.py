@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gprune.maths.learned import next_token_loss
 from gprune.models.adapters import FamilyAdapter
 
 KINDS = ("mlp", "attn")
@@ -75,10 +76,6 @@ def _backward_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """Summed next-token loss of one batch, backpropagated to the hooked activations;
     returns the number of predicted tokens."""
     rows["mask"] = attention_mask.to(torch.float64)                           # (B, T)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)                 # (B, T)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    targets = labels[:, 1:].reshape(-1)                                       # (B*(T-1),)
-    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       targets, ignore_index=-100, reduction="sum")
-    loss.backward()
-    return int((targets != -100).sum())
+    next_token_loss(logits, input_ids, attention_mask).backward()
+    return int(attention_mask[:, 1:].sum())

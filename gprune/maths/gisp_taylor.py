@@ -22,20 +22,11 @@ from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
-import torch.nn.functional as F
 
-from gprune.maths.learned import soft_masks
+from gprune.maths.learned import next_token_loss, soft_masks
 from gprune.models.adapters import FamilyAdapter, ModelShape
 
 Batch = tuple[torch.Tensor, torch.Tensor]          # (ids (B, T), attention mask (B, T))
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over real positions; logits (B, T, V)."""
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                 # (B, T-1)
-    wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(wide.flatten(0, 1), targets.flatten(),
-                           ignore_index=-100, reduction="sum")
 
 
 def margin_loss(choice_losses: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:

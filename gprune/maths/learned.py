@@ -120,6 +120,15 @@ def kl_to_dense(student_logits, teacher_logprobs, mask) -> torch.Tensor:
     return (kl * mask).sum() / mask.sum()
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over real (mask == 1) target positions; logits
+    (B, T, V), computed in at least float32."""
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                 # (B, T-1)
+    wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide.flatten(0, 1), targets.flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
 def learn_fractions(model, adapter: FamilyAdapter, shape: ModelShape, scores: pd.DataFrame,
                     batches: list[tuple[torch.Tensor, torch.Tensor]], sparsity: float,
                     settings: LearnSettings) -> tuple[Fractions, list[float]]:
