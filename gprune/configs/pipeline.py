@@ -24,7 +24,8 @@ from gprune.errors import ConfigError
 from gprune.methods.registry import Method, MethodSpec, build_method
 
 STAGES = ("corpus", "capture", "gram", "contexts", "stats", "partition", "score", "path", "allocate",
-          "surgery", "export", "perplexity", "choice", "speed", "report")
+          "surgery", "export", "perplexity", "choice", "speed", "neurons", "attribution",
+          "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
 _PPL, _CHOICE = PerplexityConfig.model_fields, ChoiceConfig.model_fields
