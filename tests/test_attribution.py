@@ -6,6 +6,8 @@ only that dimension, so it fires on 'z' and on nothing else.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -180,3 +182,28 @@ def test_bad_input_one_line_errors_and_nothing_written(planted, tmp_path):
     after = sorted(p.name for p in (store.root).rglob("*") if p.is_dir())
     assert {n for n in after if n.startswith(("neurons-", "attribution-"))} == \
         {n for n in before if n.startswith(("neurons-", "attribution-"))}
+
+
+def test_flow_flag_runs_attribution_per_plan_and_links_it_from_the_report(prefect_api,
+                                                                          tmp_path):
+    import json
+
+    from flows.gprune_flow import gprune_flow
+
+    task = tmp_path / "tiny_reviews.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS))
+    config = dict(model="tiny:llama", sources=["docs"], eval_sources=["docs"],
+                  methods=["wanda_sp"], sparsities=[0.3], capture_sequences=2,
+                  capture_seq_len=32, capture_batch_size=2, eval_tokens=64, eval_seq_len=32,
+                  mc_tasks=[], device="cpu", attribution=True,
+                  attribution_tasks=[str(task)], attribution_inputs=2, attribution_tokens=300)
+    state = gprune_flow(config=config, store=str(tmp_path / "store"), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert list(result["attributions"]) == ["wanda_sp@0.3"]
+    report = (Path(result["report_dir"]) / "report.md").read_text()
+    assert "NSA attribution" in report and "attribution.html" in report
+    with pytest.raises(ConfigError, match="labelled multiple-choice"):
+        gprune_flow(config={**config, "attribution_tasks": ["wikipedia"]},
+                    store=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
