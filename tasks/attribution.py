@@ -42,6 +42,7 @@ from tasks.surgery import read_plan
 log = logging.getLogger("gprune")
 STAGE = "attribution"
 TABLES = ("damage", "damage_layers", "summary", "shift")
+WHOLE = 10**9   # encode_texts limits that never cut a task input
 
 
 def run_attribution(config: AttributionConfig, store: ArtifactStore, neurons_key: str,
@@ -100,7 +101,7 @@ def _shift(store: ArtifactStore, ref, checkpoint_key: str, tables: dict[str, pd.
     means = []
     for model_path in (ref, store.path(checkpoint_key) / MODEL_DIR):
         model, tokenizer, adapter = load_model(model_path, device)
-        encoded = encode_texts(list(tables["inputs"]["query"]), tokenizer, 10_000, 10**9,
+        encoded = encode_texts(list(tables["inputs"]["query"]), tokenizer, WHOLE, WHOLE,
                                keep=chosen)
         acc = run_units(model, unit_blocks(model, adapter), encoded, config.batch_size, MeanAbs)
         means.append({key: a.mean() for key, a in acc.items() if a.count})

@@ -3,7 +3,8 @@ the dense model's neuron-word matches and influential words.
 
 The ``top_n`` most influential words of each task are compared, each with the
 ``units_per_word`` most selective units matched to it; a word is damaged when the plan
-removes at least ``threshold`` of them (selectivity-weighted). Figures: ``layers_shown`` layers (the most damaged) of kept vs pruned units' labels.
+removes at least ``threshold`` of them (selectivity-weighted). Figures: ``layers_shown``
+layers (the most damaged) of kept vs pruned units' labels.
 """
 from __future__ import annotations
 
