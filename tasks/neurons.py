@@ -32,7 +32,7 @@ from gprune.errors import ConfigError, GpruneError
 from gprune.eval.mc_tasks import labelled_rows
 from gprune.maths.influence import gold_log_probs, leave_one_out, rank_words
 from gprune.maths.neurons import Block, match_units
-from gprune.maths.words import encode_texts
+from gprune.maths.words import encode_texts, stop_words
 from gprune.models.loader import load_model, resolve_device, resolve_model
 from tasks.base import run_stage, stage_spec
 
@@ -70,6 +70,7 @@ def run_neurons(config: NeuronsConfig, store: ArtifactStore, model: str,
         matches = match_units(dense, unit_blocks(dense, adapter), encoded,
                               config.batch_size, config.pool, config.top_words)
         matched = time.time()
+        log.info("neurons: %d tokens matched in %.1fs", encoded.tokens, matched - started)
         frames = {"matches": matches,
                   "texts": pd.DataFrame({"doc": range(len(encoded.texts)),
                                          "text": encoded.texts}),
@@ -82,9 +83,8 @@ def run_neurons(config: NeuronsConfig, store: ArtifactStore, model: str,
                           "match_seconds": round(matched - started, 2),
                           "influence_seconds": round(time.time() - matched, 2),
                           "model_path": str(ref.path), "family": ref.family})
-        log.info("neurons: %d tokens matched in %.1fs, %d task inputs scored in %.1fs",
-                 encoded.tokens, matched - started, sum(map(len, rows.values())),
-                 time.time() - matched)
+        log.info("neurons: %d task inputs scored word by word in %.1fs",
+                 sum(map(len, rows.values())), time.time() - matched)
 
     return run_stage(store, STAGE, spec, build, force)
 
@@ -110,7 +110,8 @@ def _influence(model, tokenizer, rows: dict[str, list[dict]],
         choices = [r["choices"] for r in examples]
         gold = [r["gold"] for r in examples]
         scored = leave_one_out([r["query"] for r in examples], lambda items: gold_log_probs(
-            model, tokenizer, items, choices, gold, config.choice_batch))
+            model, tokenizer, items, choices, gold, config.choice_batch),
+            skip=stop_words() if config.stopwords else frozenset())
         inputs.append(pd.DataFrame({"task": task, "input": range(len(examples)),
                                     "query": [r["query"] for r in examples],
                                     "choices": [json.dumps(c) for c in choices],

@@ -26,6 +26,8 @@ class NeuronsConfig(StageConfig):
     tasks: tuple[str, ...] = Field(("sentiment_local",), min_length=1,
                                    description="labelled multiple-choice tasks whose inputs' "
                                                "influential words are selected")
+    stopwords: bool = Field(True, description="skip English function words (negations kept) "
+                                              "as influential-word candidates")
     inputs: int = Field(16, ge=1, description="examples per task scored word by word")
     choice_batch: int = Field(16, ge=1, description="(query, option) pairs per forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")

@@ -103,10 +103,12 @@ def activation_shift(dense: dict[tuple[int, str], torch.Tensor],
                                        "median_shift"])
 
 
-def label_counts(matches: pd.DataFrame, kept: pd.DataFrame, layer: int,
-                 top: int) -> tuple[pd.Series, pd.Series]:
-    """(kept, pruned) MLP units of ``layer``: how many carry each label (rank-0 word)."""
-    labels = weighted_matches(matches[(matches["rank"] == 0) & (matches["layer"] == layer)
-                                      & (matches["kind"] == "mlp")], kept)
+def label_counts(matches: pd.DataFrame, kept: pd.DataFrame, layer: int, top: int,
+                 skip: frozenset[str] = frozenset()) -> tuple[pd.Series, pd.Series]:
+    """(kept, pruned) MLP units of ``layer``: how many carry each label (the unit's best
+    word not in ``skip``)."""
+    rows = matches[(matches["layer"] == layer) & (matches["kind"] == "mlp")
+                   & ~matches["word"].isin(skip)]
+    labels = weighted_matches(rows.sort_values("rank").groupby(KEYS).head(1), kept)
     return (labels[labels["kept"]]["word"].value_counts().head(top),
             labels[~labels["kept"]]["word"].value_counts().head(top))

@@ -10,7 +10,8 @@ and any family), at the cost of one scoring per word (``max_inputs`` bounds it).
 
 Words in text that every input shares (the task's template, e.g. "Review:" or
 "Answer:") are not input semantics: ``variable_regions`` leaves the common prefix and
-suffix of the queries out. ``rank_words`` aggregates the inputs into one ranked list:
+suffix of the queries out, and the caller may skip function words (``stop_words``: they
+appear in most inputs, so their small, noisy deltas add up). ``rank_words`` aggregates the inputs into one ranked list:
 a word's influence is the sum of |delta| over its occurrences divided by the inputs.
 """
 from __future__ import annotations
@@ -54,14 +55,17 @@ def without(query: str, start: int, end: int) -> str:
     return query[:start] + query[end:]
 
 
-def leave_one_out(queries: list[str], score: Scorer) -> pd.DataFrame:
+def leave_one_out(queries: list[str], score: Scorer,
+                  skip: frozenset[str] = frozenset()) -> pd.DataFrame:
     """Rows (input, word, start, end, delta): delta = s(q) - s(q without the word), for
-    every word occurrence in each query's variable region."""
+    every word occurrence in each query's variable region (words in ``skip``: none)."""
     items, words, base_of = [], [], []
     for i, (query, (lo, hi)) in enumerate(zip(queries, variable_regions(queries))):
         base_of.append(len(items))
         items.append((i, query))
         for start, end, word in word_spans(query[lo:hi]):
+            if word in skip:
+                continue
             words.append((i, word, lo + start, lo + end, len(items)))
             items.append((i, without(query, lo + start, lo + end)))
     scores = score(items).double()                                     # (len(items),)

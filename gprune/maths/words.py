@@ -13,12 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
-WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+# words that carry grammar, not content (scikit-learn's English list), less negations,
+# which carry sentiment; with the pieces of split contractions
+NEGATIONS = frozenset({"no", "not", "nor", "never", "neither", "none", "nothing", "nobody",
+                       "noone", "nowhere", "cannot"})
+
+
+def stop_words() -> frozenset[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return (frozenset(ENGLISH_STOP_WORDS) - NEGATIONS) | {"s", "t", "d", "ll", "re", "ve", "m"}
 
 
 def word_spans(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, lowercased word) of every word of ``text``, in order."""
-    return [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(text)]
+    """(start, end, lowercased word; curly apostrophes as ') of every word of ``text``."""
+    return [(m.start(), m.end(), m.group().lower().replace("’", "'"))
+            for m in WORD.finditer(text)]
 
 
 def token_words(offsets: list[tuple[int, int]], spans: list[tuple[int, int, str]]) -> list[int]:

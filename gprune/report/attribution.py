@@ -2,7 +2,7 @@
 a self-contained HTML page (figures inlined) and a Markdown summary.
 
 ``labels.png``: for the most damaged layers, how many kept and pruned MLP units carry
-each label (a unit's top word); ``damage.png``: the influential words whose matched
+each label (a unit's best word that is not a function word); ``damage.png``: the influential words whose matched
 units the plan removed most (lost share, influence in the label).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gprune.maths.attribution import label_counts
+from gprune.maths.words import stop_words
 
 FIGURES = {"labels": "labels.png", "damage": "damage.png"}
 
@@ -40,7 +41,7 @@ def plot_labels(matches, kept, layers: list[int], top: int, path: Path, dpi: int
     for ax in axes[len(layers):]:
         ax.set_visible(False)
     for ax, layer in zip(axes, layers):
-        kept_n, pruned_n = label_counts(matches, kept, layer, top)
+        kept_n, pruned_n = label_counts(matches, kept, layer, top, stop_words())
         words = list(dict.fromkeys([*pruned_n.index, *kept_n.index]))[:top]
         y = range(len(words))
         ax.barh([i - 0.2 for i in y], [kept_n.get(w, 0) for w in words], 0.4,
