@@ -2,8 +2,8 @@
 what each unit responds to and which words each task's predictions hinge on.
 
 Plan-independent, computed once per model, corpus and tasks (every plan's ``attribution``
-reads it). Neuron-word matching: ``gprune.maths.neurons`` over the first ``tokens``
-tokens of the sources' calibration splits; influential words: ``gprune.maths.influence``
+reads it). Neuron-word matching: ``gprune.maths.neurons`` over the tasks' first
+``task_texts`` queries and the first ``tokens`` tokens of the sources' calibration splits; influential words: ``gprune.maths.influence``
 (leave-one-word-out on the gold answer's log-probability) on each task's first
 ``inputs`` labelled examples. Files:
 
@@ -54,7 +54,9 @@ def run_neurons(config: NeuronsConfig, store: ArtifactStore, model: str,
     if not texts:
         raise GpruneError(f"neurons: the corpus of {', '.join(config.sources)} has no text "
                           "in its calibration split; choose a source with text")
-    rows = {task: labelled_rows(task, config.inputs) for task in config.tasks}
+    rows = {task: labelled_rows(task, max(config.inputs, config.task_texts))
+            for task in config.tasks}
+    queries = [r["query"] for task_rows in rows.values() for r in task_rows[:config.task_texts]]
     ref = resolve_model(model)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     spec = stage_spec(ref.fingerprint, {"corpora": list(corpus_keys), "tasks": digest},
@@ -63,7 +65,9 @@ def run_neurons(config: NeuronsConfig, store: ArtifactStore, model: str,
     def build(out) -> None:
         dense, tokenizer, adapter = load_model(ref, resolve_device(config.device))
         started = time.time()
-        encoded = encode_texts(texts, tokenizer, config.seq_len, config.tokens)
+        own = sum(len(tokenizer(q, add_special_tokens=False)["input_ids"][:config.seq_len])
+                  for q in queries)
+        encoded = encode_texts(queries + texts, tokenizer, config.seq_len, own + config.tokens)
         if not encoded.words:
             raise GpruneError("neurons: the corpus texts hold no words; choose a source "
                               "with text")
@@ -74,7 +78,8 @@ def run_neurons(config: NeuronsConfig, store: ArtifactStore, model: str,
         frames = {"matches": matches,
                   "texts": pd.DataFrame({"doc": range(len(encoded.texts)),
                                          "text": encoded.texts}),
-                  **_influence(dense, tokenizer, rows, config)}
+                  **_influence(dense, tokenizer, {task: task_rows[:config.inputs]
+                                                  for task, task_rows in rows.items()}, config)}
         for name in FILES:
             frames[name].to_parquet(out.file(f"{name}.parquet"), index=False)
         out.extra.update({"sources": list(config.sources), "tasks": list(config.tasks),
@@ -84,7 +89,7 @@ def run_neurons(config: NeuronsConfig, store: ArtifactStore, model: str,
                           "influence_seconds": round(time.time() - matched, 2),
                           "model_path": str(ref.path), "family": ref.family})
         log.info("neurons: %d task inputs scored word by word in %.1fs",
-                 sum(map(len, rows.values())), time.time() - matched)
+                 len(config.tasks) * config.inputs, time.time() - matched)
 
     return run_stage(store, STAGE, spec, build, force)
 

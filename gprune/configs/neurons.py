@@ -1,8 +1,9 @@
 """Config of the ``neurons`` stage (NSA, arXiv 2503.01542, steps 1-2): what the dense
 model's units respond to and what its predictions hinge on, independent of any plan.
 
-Neuron-word matching runs the first ``tokens`` tokens of the calibration split of each
-``sources`` corpus (documents in stored order, each cut at ``seq_len``) and keeps, per
+Neuron-word matching runs the queries of the first ``task_texts`` examples of each task
+(whole) and the first ``tokens`` tokens of the calibration split of each ``sources``
+corpus (documents in stored order, each cut at ``seq_len``) and keeps, per
 MLP channel and per attention query head, its ``top_words`` distinct best-activating
 words (from a pool of its ``pool`` best word tokens). Influential words: leave-one-word-
 out on the first ``inputs`` labelled examples of each of ``tasks``.
@@ -28,6 +29,8 @@ class NeuronsConfig(StageConfig):
                                                "influential words are selected")
     stopwords: bool = Field(True, description="skip English function words (negations kept) "
                                               "as influential-word candidates")
+    task_texts: int = Field(128, ge=0, description="first examples of each task whose queries "
+                            "are matched too, whole (so the task's own words match units)")
     inputs: int = Field(16, ge=1, description="examples per task scored word by word")
     choice_batch: int = Field(16, ge=1, description="(query, option) pairs per forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
