@@ -11,6 +11,7 @@ words (the activation shift). Files:
 ``damage.parquet``        task, word, influence, rank, matched, pruned, lost
 ``damage_layers.parquet`` task, word, layer, kind, matched, pruned, lost
 ``summary.parquet``       per task: words, matched, damaged, damaged_share,
+                          units_removed (the plan's share of all units), mean_lost,
                           influence_lost, most_damaged
 ``shift.parquet``         layer, kind, kept, dense_mean, pruned_mean, median_shift
                           (empty without a checkpoint)
@@ -30,7 +31,7 @@ from artifacts.store import ArtifactStore
 from gprune.configs.attribution import AttributionConfig
 from gprune.errors import ConfigError
 from gprune.maths.attribution import (activation_shift, damage_summary, kept_units,
-                                      word_damage)
+                                      removed_share, word_damage)
 from gprune.maths.neurons import MeanAbs, run_units
 from gprune.maths.words import encode_texts
 from gprune.models.loader import load_model, resolve_device
@@ -66,9 +67,11 @@ def run_attribution(config: AttributionConfig, store: ArtifactStore, neurons_key
 
     def build(out) -> None:
         started = time.time()
-        damage, per_layer = word_damage(tables["matches"], kept_units(layers),
-                                        tables["words"], config.top_n, config.units_per_word)
-        summary = damage_summary(damage, config.threshold)
+        kept = kept_units(layers)
+        damage, per_layer = word_damage(tables["matches"], kept, tables["words"],
+                                        config.top_n, config.units_per_word)
+        summary = damage_summary(damage, config.threshold,
+                                 removed_share(tables["matches"], kept))
         shift = activation_shift({}, {}, [])
         if checkpoint_key is not None:
             shift = _shift(store, ref, checkpoint_key, tables, layers, config)
@@ -77,8 +80,7 @@ def run_attribution(config: AttributionConfig, store: ArtifactStore, neurons_key
         for name in TABLES:
             frames[name].to_parquet(out.file(f"{name}.parquet"), index=False)
         title = f"{plan.method} at {plan.target_sparsity:g} on {ref.path.name}"
-        render_attribution(frames, tables["matches"], kept_units(layers), title, out.path,
-                           config)
+        render_attribution(frames, tables["matches"], kept, title, out.path, config)
         seconds = time.time() - started
         out.extra.update({"method": plan.method, "target_sparsity": plan.target_sparsity,
                           "achieved_sparsity": plan.achieved_sparsity, "seconds":

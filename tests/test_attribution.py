@@ -143,6 +143,7 @@ def test_a_plan_that_removes_the_neuron_damages_its_word(planted, drop):
     assert zoo["matched"] >= 1
     threshold = AttributionConfig().threshold
     summary = pd.read_parquet(art.file("summary.parquet")).iloc[0]
+    assert 0 < summary["units_removed"] < 0.01        # one MLP channel of many units
     if drop:
         assert zoo["pruned"] >= 1 and zoo["lost"] >= threshold
         assert "zoo" in summary["most_damaged"].split(", ") and summary["damaged"] >= 1

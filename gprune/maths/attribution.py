@@ -62,10 +62,17 @@ def word_damage(matches: pd.DataFrame, kept: pd.DataFrame, words: pd.DataFrame,
             per_layer.drop(columns=["weight", "pruned_weight"]))
 
 
-def damage_summary(damage: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def removed_share(matches: pd.DataFrame, kept: pd.DataFrame) -> float:
+    """The share of all matched units (every MLP channel and query head) the plan removes:
+    what a word's ``lost`` would be if the plan ignored what units respond to."""
+    units = matches[KEYS].drop_duplicates()
+    return 1.0 - len(units.merge(kept, on=KEYS)) / max(len(units), 1)
+
+
+def damage_summary(damage: pd.DataFrame, threshold: float, removed: float) -> pd.DataFrame:
     """Per task: influential words considered and matched, damaged (lost >= threshold),
-    their share, the influence-weighted lost share, and the most damaged words (by
-    lost x influence)."""
+    their share, the mean and the influence-weighted lost share against ``removed`` (the
+    plan's share of all units), and the most damaged words (by lost x influence)."""
     rows = []
     for task, group in damage.groupby("task"):
         matched = group[group["matched"] > 0]
@@ -75,6 +82,7 @@ def damage_summary(damage: pd.DataFrame, threshold: float) -> pd.DataFrame:
         worst = worst[worst["lost"] > 0].sort_values("score", ascending=False)
         rows.append({"task": task, "words": len(group), "matched": len(matched),
                      "damaged": len(damaged), "damaged_share": len(damaged) / len(group),
+                     "units_removed": removed, "mean_lost": float(matched["lost"].mean()),
                      "influence_lost": float((matched["lost"] * matched["influence"]).sum()
                                              / weight) if weight > 0 else 0.0,
                      "most_damaged": ", ".join(worst["word"].head(8))})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -53,10 +54,11 @@ def plot_labels(matches, kept, layers: list[int], top: int, path: Path, dpi: int
         ax.set(title=f"layer {layer}: MLP units by label", xlabel="units")
     if layers:
         axes[0].legend(fontsize=8)
-    fig.savefig(path)
+    _save(fig, path)
 
 
-def plot_damage(damage: pd.DataFrame, path: Path, dpi: int, top: int = 15) -> None:
+def plot_damage(damage: pd.DataFrame, removed: float, path: Path, dpi: int,
+                top: int = 15) -> None:
     rows = damage[damage["matched"] > 0].assign(score=lambda d: d["lost"] * d["influence"])
     rows = rows.sort_values("score", ascending=False).head(top)
     fig = Figure(figsize=(6.4, 0.32 * max(len(rows), 3) + 1.2), dpi=dpi, layout="constrained")
@@ -65,18 +67,30 @@ def plot_damage(damage: pd.DataFrame, path: Path, dpi: int, top: int = 15) -> No
     ax.barh(range(len(rows)), rows["lost"], color="#c44e52")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlim=(0, 1), xlabel="share of matched units removed (activation-weighted)",
+    ax.axvline(removed, color="black", linestyle="--", linewidth=1,
+               label=f"plan removes {removed:.0%} of all units")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set(xlim=(0, 1), xlabel="share of the word's matched units removed (selectivity-weighted)",
            title="damaged concepts: influential words that lost their units")
-    fig.savefig(path)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Save, quietly: a word in a script the font lacks is drawn as a box, not a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(path)
 
 
 def summary_markdown(summary: pd.DataFrame, title: str) -> str:
     lines = [f"### Attribution: {title}", "",
-             "| task | influential words | matched | damaged | damaged share | "
-             "influence lost | most damaged |", "|---|---|---|---|---|---|---|"]
+             "| task | influential words | matched | damaged | damaged share | units removed "
+             "| mean lost | influence lost | most damaged |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         lines.append(f"| {r.task} | {r.words} | {r.matched} | {r.damaged} | "
-                     f"{r.damaged_share:.2f} | {r.influence_lost:.2f} | {r.most_damaged} |")
+                     f"{r.damaged_share:.2f} | {r.units_removed:.2f} | {r.mean_lost:.2f} | "
+                     f"{r.influence_lost:.2f} | {r.most_damaged} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +147,8 @@ def render_attribution(frames: dict[str, pd.DataFrame], matches: pd.DataFrame,
     layers = shown_layers(frames["damage_layers"], kept, matches, config.layers_shown)
     plot_labels(matches, kept, layers, config.labels_shown, folder / FIGURES["labels"],
                 config.dpi)
-    plot_damage(frames["damage"], folder / FIGURES["damage"], config.dpi)
+    removed = float(frames["summary"]["units_removed"].iloc[0]) if len(frames["summary"]) else 0.0
+    plot_damage(frames["damage"], removed, folder / FIGURES["damage"], config.dpi)
     (folder / "attribution.html").write_text(
         render_html(frames, matches, kept, title, folder), encoding="utf-8")
     (folder / "summary.md").write_text(summary_markdown(frames["summary"], title),
