@@ -43,7 +43,9 @@ def plot_labels(matches, kept, layers: list[int], top: int, path: Path, dpi: int
         ax.set_visible(False)
     for ax, layer in zip(axes, layers):
         kept_n, pruned_n = label_counts(matches, kept, layer, top, stop_words())
-        words = list(dict.fromkeys([*pruned_n.index, *kept_n.index]))[:top]
+        half = max(top // 2, 1)                    # the kept side's labels show too
+        words = list(dict.fromkeys([*pruned_n.index[:half], *kept_n.index[:half],
+                                    *pruned_n.index, *kept_n.index]))[:top]
         y = range(len(words))
         ax.barh([i - 0.2 for i in y], [kept_n.get(w, 0) for w in words], 0.4,
                 label="kept", color="#4c72b0")
