@@ -63,7 +63,7 @@ def plot_damage(damage: pd.DataFrame, removed: float, path: Path, dpi: int,
                 top: int = 15) -> None:
     rows = damage[damage["matched"] > 0].assign(score=lambda d: d["lost"] * d["influence"])
     rows = rows.sort_values("score", ascending=False).head(top)
-    fig = Figure(figsize=(6.4, 0.32 * max(len(rows), 3) + 1.2), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(7.6, 0.32 * max(len(rows), 3) + 1.2), dpi=dpi, layout="constrained")
     ax = fig.subplots()
     labels = [f"{r.word} ({r.task}, infl {r.influence:.2f})" for r in rows.itertuples()]
     ax.barh(range(len(rows)), rows["lost"], color="#c44e52")
@@ -72,8 +72,8 @@ def plot_damage(damage: pd.DataFrame, removed: float, path: Path, dpi: int,
     ax.axvline(removed, color="black", linestyle="--", linewidth=1,
                label=f"plan removes {removed:.0%} of all units")
     ax.legend(fontsize=8, loc="lower right")
-    ax.set(xlim=(0, 1), xlabel="share of the word's matched units removed (selectivity-weighted)",
-           title="damaged concepts: influential words that lost their units")
+    ax.set(xlim=(0, 1), xlabel="share of the word's units removed (selectivity-weighted)",
+           title="damaged concepts: influential words and their lost units")
     _save(fig, path)
 
 
