@@ -50,6 +50,8 @@ STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "speed": ("tasks.speed",),
     "export": ("tasks.export",),
     "report": ("tasks.report",),
+    "neurons": ("tasks.neurons",),
+    "attribution": ("tasks.attribution",),
 }
 
 # non-Python files a module reads, as globs relative to the module's folder

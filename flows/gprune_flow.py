@@ -8,6 +8,8 @@
       -> for each method: path (learned once)
       -> for each method and target sparsity: allocate -> surgery (-> export: a GGUF
          for llama.cpp, with ``export`` set)
+      (-> with ``attribution``: neurons once, then attribution per plan (NSA: what each
+       plan removed, in words), linked from the report and published)
       -> perplexity, choice, speed (the dense model, then each checkpoint, one at a time)
       -> report -> publish
 
@@ -79,13 +81,38 @@ def gprune_flow(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (frozen
         result["exports"] = exports
     if gram_keys:
         result["gram_keys"] = {source: f.result() for source, f in gram_keys.items()}
+    attributions = _attributions(config, root, ref.fingerprint, corpora, plans, checkpoints)
+    if attributions:
+        result["attributions"] = attributions
     if config.evaluate:
         result.update(_evaluate_and_report(config, root, ref.fingerprint, corpora, checkpoints,
-                                           list(exports.values())))
+                                           list(exports.values()) + list(attributions.values())))
         logger.info("gprune: report at %s", result["report_dir"])
     else:
         logger.info("gprune: %d checkpoint(s) in %s (evaluation off)", len(checkpoints), root)
     return result
+
+
+def _attributions(config: PipelineConfig, root: str, fingerprint: str, corpora: dict,
+                  plans: dict, checkpoints: dict) -> dict[str, str]:
+    """With ``attribution``: the neurons task once (the first calibration source), then one
+    attribution per plan (with its checkpoint), each published to the Prefect UI; plan
+    name -> attribution key. {} otherwise."""
+    neurons_config = config.neurons_config()
+    if neurons_config is None:
+        return {}
+    sources = list(neurons_config.sources)
+    neurons_key = stages.neurons.submit(neurons_config, root, config.model, fingerprint,
+                                        [corpora[s] for s in sources],
+                                        force=config.forced("neurons"))
+    futures = {name: stages.attribution.submit(config.attribution_config(), root, neurons_key,
+                                               plan, checkpoints[name],
+                                               force=config.forced("attribution"))
+               for name, plan in plans.items()}
+    keys = {name: f.result() for name, f in futures.items()}
+    for name, key in keys.items():
+        stages.publish_attribution.submit(str(ArtifactStore(root).path(key)), name).result()
+    return keys
 
 
 def _corpora(config: PipelineConfig, root: str) -> dict:

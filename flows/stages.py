@@ -15,12 +15,14 @@ from prefect import task
 
 from flows.cache import ARTIFACT_CACHE, run_cached
 from gprune.configs.allocate import AllocateConfig
+from gprune.configs.attribution import AttributionConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
 from gprune.configs.contexts import ContextsConfig
 from gprune.configs.corpus import CorpusConfig
 from gprune.configs.export import ExportConfig
 from gprune.configs.gram import GramConfig
+from gprune.configs.neurons import NeuronsConfig
 from gprune.configs.partition import PartitionConfig
 from gprune.configs.perplexity import PerplexityConfig
 from gprune.configs.report import ReportConfig
@@ -171,6 +173,26 @@ def export(config: ExportConfig, store_root: str, model: str, force: bool = Fals
     return run_cached("export", store_root, lambda s: run_export(config, s, model, force=force))
 
 
+@task(name="neurons", **STAGE_TASK)
+def neurons(config: NeuronsConfig, store_root: str, model: str, model_fingerprint: str,
+            corpus_keys: list[str], force: bool = False) -> str:
+    """NSA steps 1-2 on the dense model (one artifact for every plan)."""
+    from tasks.neurons import run_neurons
+
+    return run_cached("neurons", store_root, lambda s: run_neurons(
+        config, s, model, list(corpus_keys), force=force))
+
+
+@task(name="attribution", task_run_name="attribution-{plan_key}", **STAGE_TASK)
+def attribution(config: AttributionConfig, store_root: str, neurons_key: str, plan_key: str,
+                checkpoint_key: Optional[str] = None, force: bool = False) -> str:
+    """NSA step 3: what one plan removed, in words."""
+    from tasks.attribution import run_attribution
+
+    return run_cached("attribution", store_root, lambda s: run_attribution(
+        config, s, neurons_key, plan_key, checkpoint_key, force=force))
+
+
 @task(name="report", **STAGE_TASK)
 def report(config: ReportConfig, store_root: str, eval_keys: list[str],
            force: bool = False) -> str:
@@ -186,3 +208,11 @@ def publish(report_dir: str) -> bool:
     from gprune.report.publish import publish_to_prefect
 
     return publish_to_prefect(report_dir)
+
+
+@task(name="publish-attribution", retries=2, retry_delay_seconds=5)
+def publish_attribution(folder: str, name: str) -> bool:
+    """An attribution's summary as a Markdown artifact in the Prefect UI (API I/O)."""
+    from gprune.report.publish import publish_attribution as publish_it
+
+    return publish_it(folder, name)

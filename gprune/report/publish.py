@@ -23,6 +23,38 @@ def table_records(report_dir: Path) -> list[dict]:
             for row in frame.to_dict(orient="records")]
 
 
+def _in_run() -> bool:
+    try:
+        from prefect.context import get_run_context
+        from prefect.exceptions import MissingContextError
+    except ImportError:
+        return False
+    try:
+        get_run_context()
+    except MissingContextError:
+        return False
+    return True
+
+
+def publish_attribution(folder: str | Path, name: str) -> bool:
+    """The summary of an attribution artifact folder as the Markdown artifact
+    ``gprune-attribution-<name>`` (lowercase, dashes), with its page's path; False outside
+    a run."""
+    if not _in_run():
+        return False
+    import re
+
+    from prefect.artifacts import create_markdown_artifact
+
+    folder = Path(folder)
+    text = (folder / "summary.md").read_text(encoding="utf-8")
+    text += f"\nPage: `{folder / 'attribution.html'}`\n"
+    key = "gprune-attribution-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    create_markdown_artifact(markdown=text, key=key,
+                             description=f"NSA attribution of {name} ({folder.name})")
+    return True
+
+
 def publish_to_prefect(report_dir: str | Path) -> bool:
     """Create the Markdown and table artifacts of ``report_dir``; False outside a run."""
     try:
