@@ -10,10 +10,11 @@ manifests), and as its last line ``sweep5_over_single=<five-target / one-target>
     python benchmarks/sweep.py                       # SmolLM2, the pipeline's defaults
     python benchmarks/sweep.py --method gprune --allocator learned   # per-target learning
 
-Defaults are the pipeline's (``make run``): 4 sources x 32 x 512 capture tokens, gprune
-with its learned path (learned once, shared by every target). The shared part grows with
+Defaults are the pipeline's (``make run``): 4 sources x 8 x 512 capture tokens, gprune
+with its default (learned path, learned once and shared by every target; per target the
+allocate stage's KL check and the lsq refit at surgery). The shared part grows with
 the capture budget (sources x sequences x seq-len), the per-target part with the
-allocator (``--allocator learned`` learns once per target) and surgery. About 12 minutes
+allocator (``--allocator learned`` learns once per target) and surgery. About 10 minutes
 on a 2-core CPU.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="model spec (smollm2, tiny:llama, ...)")
     parser.add_argument("--sources", nargs="+", default=["wikipedia", "web", "code", "news"],
                         help="calibration sources (>= 2 for the gprune gate)")
-    parser.add_argument("--sequences", type=int, default=32, help="capture sequences per source")
+    parser.add_argument("--sequences", type=int, default=8, help="capture sequences per source")
     parser.add_argument("--seq-len", type=int, default=512, help="capture tokens per sequence")
     parser.add_argument("--method", default="gprune", help="gprune | flap | wanda_sp | magnitude_sp")
     parser.add_argument("--allocator", default=None,
