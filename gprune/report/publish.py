@@ -57,14 +57,7 @@ def publish_attribution(folder: str | Path, name: str) -> bool:
 
 def publish_to_prefect(report_dir: str | Path) -> bool:
     """Create the Markdown and table artifacts of ``report_dir``; False outside a run."""
-    try:
-        from prefect.context import get_run_context
-        from prefect.exceptions import MissingContextError
-    except ImportError:
-        return False
-    try:
-        get_run_context()
-    except MissingContextError:
+    if not _in_run():
         return False
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
