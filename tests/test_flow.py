@@ -46,13 +46,25 @@ def run_flow(store: Path, **overrides):
     return state.result(), task_states(state.state_details.flow_run_id)
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
+def task_states(flow_run_id, settle_reads: int = 60) -> dict[str, list[str]]:
+    """Task name -> state names of a finished flow run. Prefect records task runs through
+    its event pipeline, after the flow returns: read until two reads agree and every state
+    is final (at most ``settle_reads`` reads, 0.5 s apart)."""
+    import time
+
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    previous = None
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_run_id])))
+        for _ in range(settle_reads):
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_run_id])))
+            seen = sorted((run.task_key, run.state.name if run.state else "") for run in runs)
+            if seen == previous and all(run.state and run.state.is_final() for run in runs):
+                break
+            previous = seen
+            time.sleep(0.5)
     found: dict[str, list[str]] = {}
     for run in runs:
         found.setdefault(run.task_key.split("-")[0], []).append(run.state.name)
