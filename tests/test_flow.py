@@ -48,20 +48,25 @@ def run_flow(store: Path, **overrides):
 
 def task_states(flow_run_id, settle_reads: int = 60) -> dict[str, list[str]]:
     """Task name -> state names of a finished flow run. Prefect records task runs through
-    its event pipeline, after the flow returns: read until two reads agree and every state
-    is final (at most ``settle_reads`` reads, 0.5 s apart)."""
+    its event pipeline, after the flow returns: flush this process's events, then read
+    until three reads in a row agree and every state is final (at most ``settle_reads``
+    reads, 0.5 s apart)."""
     import time
 
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.worker import EventsWorker
 
-    previous = None
+    EventsWorker.drain_all()
+    agreeing, previous = 0, None
     with get_client(sync_client=True) as client:
         for _ in range(settle_reads):
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[flow_run_id])))
             seen = sorted((run.task_key, run.state.name if run.state else "") for run in runs)
-            if seen == previous and all(run.state and run.state.is_final() for run in runs):
+            final = all(run.state and run.state.is_final() for run in runs)
+            agreeing = agreeing + 1 if seen == previous and final else 0
+            if agreeing == 2:
                 break
             previous = seen
             time.sleep(0.5)
