@@ -13,7 +13,7 @@ Streaming: per unit the top ``pool`` word-token activations seen so far are kept
 matrix; ``distinct_words`` then keeps each unit's best ``top_words`` distinct words, and
 ``Profile`` also the unit's mean activation over all word tokens (for selectivity).
 ``MeanAbs`` (the attribution's activation shift) keeps per-unit means instead. The
-hooks are registered inside ``UnitPass``'s ``with`` and always removed.
+hooks are registered inside ``UnitPass``'s ``with`` and always removed (``HookedPass``).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from gprune.maths.hooked import HookedPass
 from gprune.maths.words import Encoded
 
 
@@ -69,68 +70,59 @@ class MeanAbs:
 Block = tuple[Optional[nn.Module], Optional[nn.Module], int]   # (mlp_out, attn_out, heads)
 
 
-class UnitPass:
+class UnitPass(HookedPass):
     """Hooks on every layer's MLP and attention output projections (``blocks``: per layer
     (mlp_out, attn_out, heads), None where a pruned layer has no such module) feeding one
-    accumulator per layer and kind (``make(units)``: ``TopK`` or ``MeanAbs``)."""
+    accumulator per layer and kind (``make(units)``: ``TopK`` or ``MeanAbs``) with the
+    activations of word tokens only. The hook lifecycle is ``HookedPass``'s."""
 
-    def __init__(self, blocks: list[Block], make: Callable[[int], Any]):
+    def __init__(self, model: nn.Module, blocks: list[Block], make: Callable[[int], Any]):
+        super().__init__(model, next(model.parameters()).device)
         self.blocks = blocks
         self.acc = {(i, kind): make(mod.in_features if kind == "mlp" else heads)
                     for i, (mlp, attn, heads) in enumerate(blocks)
                     for kind, mod in (("mlp", mlp), ("attn", attn)) if mod is not None}
-        self._handles: list = []
-        self._rows: Optional[torch.Tensor] = None        # flat rows of word tokens (n,)
-        self._positions: Optional[torch.Tensor] = None   # their global position ids (n,)
+        self._positions: Optional[torch.Tensor] = None   # (B, T) global ids, -1 off words
 
-    def __enter__(self):
-        try:
-            for (i, kind) in self.acc:
-                mlp, attn, heads = self.blocks[i]
-                module = mlp if kind == "mlp" else attn
-                self._handles.append(module.register_forward_pre_hook(
-                    self._hook(i, kind, heads)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+    def _register(self) -> None:
+        for (i, kind) in self.acc:
+            mlp, attn, heads = self.blocks[i]
+            module = mlp if kind == "mlp" else attn
+            self._track(module.register_forward_pre_hook(self._hook(i, kind, heads)))
 
-    def __exit__(self, *exc_info) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def first_non_finite(self) -> None:
+        return None   # top-k words and means: nothing accumulates a NaN to stop on
 
     def _hook(self, layer: int, kind: str, heads: int):
         def hook(_module, args):
-            x = args[0]                                                    # (B, T, d)
-            flat = x.reshape(-1, x.shape[-1])[self._rows]                  # (n, d)
+            x = args[0]                                                    # (B, T', d)
+            # the pass may have cut trailing padding columns: T' <= T
+            positions = self._positions[:, :x.shape[1]].reshape(-1)       # (B*T',)
+            words = positions >= 0
+            flat = x.reshape(-1, x.shape[-1])[words.to(x.device)]         # (n, d)
             if kind == "attn":
                 flat = flat.view(flat.shape[0], heads, -1).norm(dim=-1)    # (n, heads)
-            self.acc[(layer, kind)].update(flat.abs(), self._positions)
+            self.acc[(layer, kind)].update(flat.abs(), positions[words])
         return hook
 
-    @torch.inference_mode()
-    def forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                positions: torch.Tensor) -> None:
+    def forward_words(self, ids: torch.Tensor, mask: torch.Tensor,
+                      positions: torch.Tensor) -> None:
         """One batch: ``ids``/``mask`` (B, T), ``positions`` (B, T) global ids, -1 for
         tokens outside any word (never fed) and padding."""
-        flat = positions.reshape(-1)                                       # (B*T,)
-        self._rows = (flat >= 0).nonzero().squeeze(1).to(ids.device)
-        self._positions = flat[flat >= 0]
+        self._positions = positions
         try:
-            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            self.forward(ids, mask)
         finally:
-            self._rows = self._positions = None
+            self._positions = None
 
 
 def run_units(model: nn.Module, blocks: list[Block], encoded: Encoded, batch_size: int,
               make: Callable[[int], Any]) -> dict[tuple[int, str], Any]:
     """Feed ``encoded``'s word tokens to one accumulator per (layer, kind)."""
-    device = next(model.parameters()).device
-    with UnitPass(blocks, make) as units:
+    with UnitPass(model, blocks, make) as units:
         for start in range(0, encoded.ids.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            units.forward(model, encoded.ids[rows].to(device), encoded.mask[rows].to(device),
-                          encoded.positions[rows])
+            units.forward_words(encoded.ids[rows], encoded.mask[rows], encoded.positions[rows])
     return units.acc
 
 
