@@ -3,7 +3,7 @@
 ``add_config_arguments`` adds one ``--field-name`` option per pydantic field, with the
 field's default and description as help; ``config_from_args`` builds the config back
 (one-line ``ConfigError`` on bad values). Types: str/int/float, bool (``--x`` /
-``--no-x``), Optional[...], Literal choices, and lists (``nargs``).
+``--no-x``), Optional[...], Literal choices, and lists or ``tuple[X, ...]`` (``nargs``).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from pydantic_core import PydanticUndefined
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(the annotation without Optional, whether it is a list)."""
+    """(the annotation without Optional, whether it is a list or a tuple[X, ...])."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = args[0] if len(args) == 1 else str   # e.g. Union[str, dict]: str on a CLI
-    if typing.get_origin(annotation) is list:
+    if typing.get_origin(annotation) is list or (
+            typing.get_origin(annotation) is tuple and typing.get_args(annotation)[1:] == (...,)):
         inner, _ = _unwrap(typing.get_args(annotation)[0])
         return inner, True
     return annotation, False

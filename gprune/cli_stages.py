@@ -152,29 +152,22 @@ def _export(p):
 
 
 def _neurons(p):
+    from gprune.cli_config import add_config_arguments
     from gprune.configs.neurons import NeuronsConfig
 
     p.add_argument("--model", default="smollm2", help="the dense model spec")
-    fields = NeuronsConfig.model_fields
-    for name, field in fields.items():
-        default = field.default
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, tuple):
-            p.add_argument(flag, nargs="+", default=list(default), help=field.description)
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=field.description)
+    add_config_arguments(p, NeuronsConfig)
     p.add_argument("--seed", type=int, default=0, help="the corpora's split seed")
 
 
 def _attribution(p):
+    from gprune.cli_config import add_config_arguments
     from gprune.configs.attribution import AttributionConfig
 
     p.add_argument("--neurons", required=True, help="neurons key (gprune stage neurons)")
     p.add_argument("--plan", required=True, help="plan key (stage allocate) of the same model")
     p.add_argument("--checkpoint", help="the plan's surgery key (adds the activation shift)")
-    for name, field in AttributionConfig.model_fields.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(field.default),
-                       default=field.default, help=field.description)
+    add_config_arguments(p, AttributionConfig)
 
 
 def _report(p):
@@ -358,14 +351,13 @@ def _run_export(args, store):
 
 
 def _run_neurons(args, store):
+    from gprune.cli_config import config_from_args
     from gprune.configs.corpus import CorpusConfig
     from gprune.configs.neurons import NeuronsConfig
     from tasks.corpus import run_corpus
     from tasks.neurons import run_neurons
 
-    values = {name: getattr(args, name) for name in NeuronsConfig.model_fields}
-    config = NeuronsConfig.build(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in values.items()})
+    config = config_from_args(args, NeuronsConfig)
     corpora = [run_corpus(CorpusConfig.build(source=s, seed=args.seed), store)
                for s in config.sources]
     return run_neurons(config, store, args.model, corpora, force=args.force)
@@ -374,11 +366,11 @@ def _run_neurons(args, store):
 def _run_attribution(args, store):
     import time
 
+    from gprune.cli_config import config_from_args
     from gprune.configs.attribution import AttributionConfig
     from tasks.attribution import run_attribution
 
-    config = AttributionConfig.build(**{name: getattr(args, name)
-                                        for name in AttributionConfig.model_fields})
+    config = config_from_args(args, AttributionConfig)
     started = time.time()
     key = run_attribution(config, store, args.neurons, args.plan, args.checkpoint,
                           force=args.force)
