@@ -115,8 +115,9 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     """``plan`` or the uniform MLP-only plan, whichever has the lower KL to dense after
     the lsq refit (``gprune.maths.plan_check``); records both KLs in ``extra``."""
     from gprune.maths.allocate import uniform_fractions
-    from gprune.maths.plan_check import calibration_kl, choose_plan, pruned_copy
+    from gprune.maths.plan_check import calibration_kls, choose_plan, pruned_copies
     from gprune.maths.surgery import lsq_fits
+    from tasks.learning import check_inputs
     from tasks.path import gram_reader
 
     try:
@@ -126,10 +127,10 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     except (ConfigError, ValueError) as err:     # the target needs heads removed
         extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
         return plan
-    dense, adapter, batches = learning_inputs(config.check_config(), store, stats)
-    fits = lsq_fits(gram_reader(store, gram_keys), config.ridge, [])
-    chosen, record = choose_plan(plan, reference, lambda p: calibration_kl(
-        dense, pruned_copy(dense, adapter, p, fits), batches))
+    dense, adapter, batches, teacher = check_inputs(config.check_config(), store, stats)
+    fits = lsq_fits(gram_reader(store, gram_keys, remember=2), config.ridge, [])
+    chosen, record = choose_plan(plan, reference, lambda plans: calibration_kls(
+        dense, pruned_copies(dense, adapter, plans, fits), batches, teacher))
     log.info("allocate %s at %.2f: KL to dense %.4f (plan) vs %.4f (uniform MLP-only): "
              "kept the %s", method, config.sparsity, record["candidate"], record["reference"],
              "plan" if record["chosen"] == "candidate" else "uniform MLP-only plan")

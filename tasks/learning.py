@@ -2,6 +2,8 @@
 model and mixed-source calibration batches drawn from the corpora behind the stats."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from artifacts.store import Artifact, ArtifactStore
@@ -22,6 +24,29 @@ def learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifac
     """The dense model (on the configured device), its adapter and calibration batches."""
     model, tokenizer, adapter = dense_model(config, stats)
     return model, adapter, calibration_batches(store, stats, tokenizer, config)
+
+
+_CHECKS: dict[tuple, tuple] = {}    # the last kl_check set: (batches, dense teacher)
+_CHECKS_LOCK = threading.Lock()
+
+
+def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
+    """``learning_inputs`` of the allocate stage's kl_check plus the dense model's teacher
+    on its batches (``gprune.maths.plan_check.dense_teacher``). The batches and the teacher
+    depend only on the stats and the check settings, so the targets of one sweep share
+    them: the last set is kept in this process (the dense final hidden states, not logits)."""
+    from gprune.maths.plan_check import dense_teacher
+
+    model, tokenizer, adapter = dense_model(config, stats)
+    key = (str(store.root.resolve()), stats.key, config.n_sequences, config.seq_len,
+           config.batch_size, config.seed, str(next(model.parameters()).device))
+    with _CHECKS_LOCK:                  # concurrent targets wait for one teacher
+        if key not in _CHECKS:
+            batches = calibration_batches(store, stats, tokenizer, config)
+            _CHECKS.clear()
+            _CHECKS[key] = (batches, dense_teacher(model, batches))
+        batches, teacher = _CHECKS[key]
+    return model, adapter, batches, teacher
 
 
 def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,

@@ -8,6 +8,7 @@ allocate stage reads the path at any target, so a sweep of targets costs one run
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -70,10 +71,15 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
     return run_stage(store, "path", spec, build, force)
 
 
-def gram_reader(store: ArtifactStore, gram_keys: list[str] | None):
-    """(layer, kind) -> the pooled normalized Gram of these gram artifacts (None: none)."""
+def gram_reader(store: ArtifactStore, gram_keys: list[str] | None, remember: int = 0):
+    """(layer, kind) -> the pooled normalized Gram of these gram artifacts (None: none);
+    ``remember``: keep the last that many Grams read (callers that visit a layer twice in
+    a row, e.g. two plans built together)."""
     if not gram_keys:
         return None
     from tasks.gram import pooled_gram
 
-    return lambda layer, kind: pooled_gram(store, gram_keys, layer, kind)
+    def read(layer: int, kind: str):
+        return pooled_gram(store, gram_keys, layer, kind)
+
+    return functools.lru_cache(maxsize=remember)(read) if remember else read

@@ -48,11 +48,18 @@ def test_choose_plan_keeps_the_lower_kl_and_the_candidate_on_a_tie():
     shape = adapter_for(tiny_model("llama").config).shape(tiny_model("llama").config)
     a, b = (random_plan(shape, "x", "llama", seed=s) for s in (1, 2))
     kls = {id(a): 0.3, id(b): 0.2}
-    assert choose_plan(a, b, lambda p: kls[id(p)]) == (
+    measured = []
+
+    def kls_of(plans):
+        measured.append(len(plans))
+        return [kls[id(p)] for p in plans]
+
+    assert choose_plan(a, b, kls_of) == (
         b, {"candidate": 0.3, "reference": 0.2, "chosen": "reference"})
     kls[id(a)] = 0.2
-    assert choose_plan(a, b, lambda p: kls[id(p)])[0] is a
-    assert choose_plan(a, a, lambda p: 1.0)[1]["chosen"] == "candidate"
+    assert choose_plan(a, b, kls_of)[0] is a
+    assert choose_plan(a, a, lambda plans: [1.0] * len(plans))[1]["chosen"] == "candidate"
+    assert measured == [2, 2]          # both plans measured in one call
 
 
 def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
@@ -79,3 +86,54 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
     with pytest.raises(ConfigError, match="gprune stage gram"):
         run_allocate(AllocateConfig(sparsity=0.3, allocator="uniform", kl_check=True), store,
                      art.manifest["inputs"]["score"], art.manifest["inputs"]["stats"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "starcoder2"])
+def test_plans_built_together_and_the_shared_teacher_give_the_single_plan_kls(family):
+    from gprune.maths.plan_check import calibration_kls, dense_teacher, pruned_copies
+
+    dense = tiny_model(family)
+    adapter = adapter_for(dense.config)
+    shape = adapter.shape(dense.config)
+    plans = [random_plan(shape, "x", family, seed=s) for s in (3, 4)]
+    alone = [pruned_copy(dense, adapter, plan, None) for plan in plans]
+    together = pruned_copies(dense, adapter, plans, None)
+    for a, b in zip(alone, together):
+        assert a.config.gprune_layers == b.config.gprune_layers
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+    teacher = dense_teacher(dense, batches())
+    assert teacher.hidden is not None and len(teacher.hidden) == len(batches())
+    shared = calibration_kls(dense, together, batches(), teacher)
+    assert shared == pytest.approx([calibration_kl(dense, s, batches()) for s in alone],
+                                   rel=1e-5)
+    assert min(shared) > 0
+
+
+def test_plans_built_together_read_each_gram_once_and_refit_as_alone():
+    import functools
+
+    from gprune.maths.plan_check import pruned_copies
+    from gprune.maths.surgery import lsq_fits
+
+    dense = tiny_model("qwen2")
+    adapter = adapter_for(dense.config)
+    shape = adapter.shape(dense.config)
+    sizes = {"mlp": shape.intermediate, "attn": shape.heads * shape.head_dim}
+    reads = []
+
+    def gram_of(layer, kind):                          # a synthetic normalized Gram, (d+1, d+1)
+        reads.append((layer, kind))
+        gen = torch.Generator().manual_seed(layer * 2 + (kind == "mlp"))
+        x = torch.cat([torch.randn(64, sizes[kind], generator=gen, dtype=torch.float64),
+                       torch.ones(64, 1, dtype=torch.float64)], 1)
+        return x.T @ x / 64
+
+    plans = [random_plan(shape, "x", "qwen2", seed=s) for s in (5, 6)]
+    together = pruned_copies(dense, adapter, plans,
+                             lsq_fits(functools.lru_cache(maxsize=2)(gram_of), 1e-3, []))
+    assert len(reads) == len(set(reads))               # one read per (layer, kind) for both
+    for plan, model in zip(plans, together):
+        alone = pruned_copy(dense, adapter, plan, lsq_fits(gram_of, 1e-3, []))
+        for (name, x), (_, y) in zip(alone.state_dict().items(), model.state_dict().items()):
+            assert torch.equal(x, y), name

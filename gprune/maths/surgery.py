@@ -79,7 +79,11 @@ def set_output(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> N
 
 
 def prune_output(out: nn.Linear, keep: torch.Tensor, fit: Fit | None) -> None:
-    """Keep the input columns ``keep`` of an output projection, refit by ``fit`` if given."""
+    """Keep the input columns ``keep`` of an output projection, refit by ``fit`` if given.
+    A projection that loses no column keeps its dense weights: they are the exact fit
+    (a damped refit would only move them away from it)."""
+    if keep.numel() == out.in_features:
+        return
     if fit is None:
         slice_cols(out, keep)
         return
@@ -127,18 +131,26 @@ def apply_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan,
     projection (``bias_fits``, ``gprune.maths.refit``); None: the removed channels are
     simply dropped.
     """
-    shape = plan.dense
+    check_dense(model, adapter, plan)
+    return [prune_layer(layer, adapter, lp, plan.dense, fits)
+            for lp, layer in zip(plan.layers, adapter.decoder_layers(model), strict=True)]
+
+
+def check_dense(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan) -> None:
+    """Refuse a model that is already pruned or of another shape than the plan's."""
     if getattr(model.config, "gprune_layers", None) is not None:
         raise ConfigError("this model is already pruned; apply plans to the dense model")
-    if adapter.shape(model.config) != shape:
-        raise ConfigError(f"plan is for a model of shape {shape}, not "
+    if adapter.shape(model.config) != plan.dense:
+        raise ConfigError(f"plan is for a model of shape {plan.dense}, not "
                           f"{adapter.shape(model.config)}; make a plan for this model")
-    sizes = []
-    for lp, layer in zip(plan.layers, adapter.decoder_layers(model), strict=True):
-        prune_mlp(layer, adapter, lp.mlp_keep, fits(lp.layer, "mlp") if fits else None)
-        prune_attention(layer, adapter, lp, shape, fits(lp.layer, "attn") if fits else None)
-        sizes.append(layer_sizes(layer, adapter, lp))
-    return sizes
+
+
+def prune_layer(layer: nn.Module, adapter: FamilyAdapter, lp: LayerPlan, shape: ModelShape,
+                fits: Fits | None = None) -> dict:
+    """Slice one decoder layer to its plan (refit by ``fits``); return its sizes."""
+    prune_mlp(layer, adapter, lp.mlp_keep, fits(lp.layer, "mlp") if fits else None)
+    prune_attention(layer, adapter, lp, shape, fits(lp.layer, "attn") if fits else None)
+    return layer_sizes(layer, adapter, lp)
 
 
 def bias_fits(means: Means) -> Fits:
