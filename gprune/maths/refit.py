@@ -69,12 +69,29 @@ def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
     lhs = g_ss + torch.diag(damp)                                         # (k+1, k+1)
     rhs = g[s] @ a.T                                                      # (k+1, out)
     factor, info = torch.linalg.cholesky_ex(lhs)                         # SPD when damped
-    b_t = (torch.cholesky_solve(rhs, factor) if int(info) == 0
-           else torch.linalg.lstsq(lhs, rhs).solution)                    # (k+1, out)
-    per_output = residual_per_output(a, g, b_t.T, s)                      # (out,)
-    estimate = cholesky_condition(factor) if int(info) == 0 else float("inf")
+    if int(info) == 0:
+        b_t = torch.cholesky_solve(rhs, factor)                           # (k+1, out)
+        per_output = solved_residual(a, g, b_t, rhs, damp)                # (out,)
+        estimate = cholesky_condition(factor)
+    else:
+        b_t = torch.linalg.lstsq(lhs, rhs).solution                       # (k+1, out)
+        per_output = residual_per_output(a, g, b_t.T, s)                  # (out,)
+        estimate = float("inf")
     return Refit(b_t[:k].T.contiguous(), b_t[k].contiguous(), float(per_output.sum()),
                  estimate if condition else float("nan"), per_output)
+
+
+def solved_residual(a: torch.Tensor, g: torch.Tensor, b_t: torch.Tensor, rhs: torch.Tensor,
+                    damp: torch.Tensor) -> torch.Tensor:
+    """(out,) ``residual_per_output`` of a solution of (G_SS + D) b_t = rhs = G_S: A^T.
+
+    Then G_SS b_t = rhs - D b_t, so diag(B G_S: A^T) = colsum(b_t * rhs) and
+    diag(B G_SS B^T) = colsum(b_t * rhs) - colsum(D b_t^2): only the dense term
+    diag(A G A^T) needs a (out, d) x (d, d) product."""
+    full = (a @ g * a).sum(1)                                             # (out,)
+    cross = (b_t * rhs).sum(0)                                            # (out,)
+    damped = (damp[:, None] * b_t * b_t).sum(0)                           # (out,)
+    return (full - cross - damped).clamp_min(0.0)
 
 
 def cholesky_condition(factor: torch.Tensor) -> float:
