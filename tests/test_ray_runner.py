@@ -50,9 +50,11 @@ def worker_executions(ray, expected: int, settle_reads: int = 40) -> list[str]:
     are flushed about once a second)."""
     for _ in range(settle_reads):
         events = ray.timeline()
+        # Ray 2.60 names the process in ``tid``; the chrome-tracing dump maps an index to it
         process = {e["tid"]: e["args"]["name"] for e in events
                    if e.get("ph") == "M" and e.get("name") == "thread_name"}
-        runs = [process.get(e["tid"], "?") for e in events if e.get("cat") == "task:execute"]
+        runs = [str(process.get(e["tid"], e["tid"])) for e in events
+                if e.get("cat") == "task:execute"]
         if len(runs) >= expected:
             break
         time.sleep(0.5)
