@@ -48,7 +48,7 @@ LOCKENV := .gprune/lockenv
 lock:
 	$(PYTHON) -m venv $(LOCKENV)
 	$(LOCKENV)/bin/python -m pip install -q --disable-pip-version-check "pip-tools==7.6.2"
-	$(LOCKENV)/bin/pip-compile -q pyproject.toml --extra test --extra dask --extra serve --generate-hashes \
+	$(LOCKENV)/bin/pip-compile -q pyproject.toml --extra test --extra dask --extra ray --extra serve --generate-hashes \
 	    --allow-unsafe --no-strip-extras --no-emit-index-url --no-emit-find-links \
 	    -c constraints.txt -o requirements/cpu.txt
 	$(PYTHON) scripts/check_lock.py --stamp

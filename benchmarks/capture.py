@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)   # the model's GPU (cuda:N), not the current one
 
 
 def plain_forward(model, input_ids, attention_mask) -> None:
@@ -186,9 +186,9 @@ def measure_peaks(plain, hooked, device: str) -> tuple[str, str]:
     if device.startswith("cuda"):
         peaks = []
         for fn in (plain, hooked):
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(device)
             timed(fn, device)
-            peaks.append(f"{torch.cuda.max_memory_allocated() / 2**20:.0f}MiB")
+            peaks.append(f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}MiB")
         return peaks[0], peaks[1]
     timed(plain, device)
     after_plain = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

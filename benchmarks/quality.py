@@ -38,6 +38,7 @@ dense on the never-calibrated perplexity at each of 0.3 and 0.4; the very last i
 
     python benchmarks/quality.py                      # about two hours on a 2-core CPU
     python benchmarks/quality.py --seeds 0 --groups main mlp_only    # a quick look
+    python benchmarks/quality.py --seeds 0 --groups main --methods gprune flap   # a small grid
 """
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--capture-sequences", type=int, default=32)
     parser.add_argument("--capture-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per source")
+    parser.add_argument("--eval-seq-len", type=int, default=None,
+                        help="tokens per evaluation window (default: the pipeline's)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="the main group's methods (default: gprune and every baseline)")
     parser.add_argument("--mc-limit", type=int, default=0, help="examples per MC task (0: none)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--store", default=None, help="artifact store (default: gprune's)")
@@ -94,7 +99,7 @@ def groups(args) -> dict[str, dict]:
     lsq = [f"{b}:reconstruct=lsq" for b in ("flap", "wanda_sp")]
     return {
         "main": dict(sources=CALIBRATION, sparsities=args.sparsities,
-                     methods=["gprune", *BASELINES, *lsq, *FANG]),
+                     methods=args.methods or ["gprune", *BASELINES, *lsq, *FANG]),
         "mlp_only": dict(sources=CALIBRATION, sparsities=args.sparsities, prune_attention=False,
                          methods=["wanda_sp", "wanda_sp:reconstruct=lsq"]),
         "single": dict(sources=[args.single_source], sparsities=args.sparsities,
@@ -116,6 +121,8 @@ def run_group(args, name: str, params: dict, seed: int) -> tuple[list[str], set[
 
     shared = dict(mc_limit=max(args.mc_limit, 1),
                   mc_tasks=["mmlu_local", "siqa_local"] if args.mc_limit else [])
+    if args.eval_seq_len:
+        shared["eval_seq_len"] = args.eval_seq_len
     config = PipelineConfig.build(
         model=args.model, eval_sources=CALIBRATION + HELD_OUT,
         capture_sequences=args.capture_sequences, capture_seq_len=args.capture_seq_len,

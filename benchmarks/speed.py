@@ -82,7 +82,7 @@ def store_plans(keys: list[str], store_root: str | None) -> list[PruningPlan]:
 # ---- timing -----------------------------------------------------------------------
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)   # the model's GPU (cuda:N), not the current one
 
 
 @torch.inference_mode()

@@ -5,7 +5,10 @@ is imported (a deployment sets it in its job variables), or explicitly with
 ``flow_with_runner(kind, address)``. ``GPRUNE_TASK_RUNNER_ADDRESS`` points at an
 existing cluster (``tcp://scheduler:8786`` for Dask, ``ray://head:10001`` for Ray);
 without it Dask starts a local cluster for the flow run. ``GPRUNE_MAX_WORKERS`` caps
-the local thread runner (default 2: mapped stages load a model copy each).
+the local thread runner (default 2: mapped stages load a model copy each). On Ray,
+``GPRUNE_RAY_GPUS`` / ``GPRUNE_RAY_CPUS`` are what each model stage asks Ray for
+(``flows.ray_runner``; Ray hides the GPUs from a task that asks for none). Multi-node
+recipes: docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
@@ -40,11 +43,12 @@ def make_task_runner(kind: Optional[str] = None, address: Optional[str] = None, 
         return DaskTaskRunner(**kwargs)
     if kind == "ray":
         try:
-            from prefect_ray import RayTaskRunner
+            from flows.ray_runner import GpruneRayTaskRunner, options_from_env
         except ImportError:
             raise ConfigError("the ray task runner needs prefect-ray: "
-                              "pip install prefect-ray") from None
-        return RayTaskRunner(address=address, **kwargs) if address else RayTaskRunner(**kwargs)
+                              "pip install 'gprune[ray]'") from None
+        kwargs.setdefault("model_options", options_from_env())
+        return GpruneRayTaskRunner(address=address, **kwargs)
     raise ConfigError(f"{RUNNER_ENV}={kind!r} is not one of {', '.join(KINDS)}")
 
 

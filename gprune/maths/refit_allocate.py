@@ -63,7 +63,7 @@ def error_after_refit(w: torch.Tensor, b: torch.Tensor | None, gram: torch.Tenso
     """The refit's error, each output dimension times ``weight`` (out,), summed."""
     if keep.numel() == 0:                                       # nothing kept, not even bias
         a = dense_map(w, b)                                     # (out, d+1)
-        s = torch.tensor([a.shape[1] - 1])
+        s = torch.tensor([a.shape[1] - 1], device=a.device)
         per_output = residual_per_output(a, gram.to(a), a[:, -1:], s)
     else:
         per_output = lsq_refit(w, b, gram, keep, ridge, condition=False).per_output
@@ -129,8 +129,9 @@ def refit_ladders(scores: pd.DataFrame, shape: ModelShape, prune_attention: bool
     depend on the target, so one table serves every target sparsity."""
     rows = []
     for layer in range(shape.num_layers):
-        g = {kind: grams(layer, kind) for kind in ("mlp", "attn")}         # read once
         m = {kind: maps(layer, kind) for kind in ("mlp", "attn")}
+        # read once, moved once to the weights' device (every ladder option refits on it)
+        g = {kind: grams(layer, kind).to(m[kind][0].device) for kind in ("mlp", "attn")}
         ladders = [mlp_ladder(scores, shape, layer, g["mlp"], *m["mlp"], ridge, floor, steps,
                               weights(layer, "mlp"))]
         if prune_attention:

@@ -160,10 +160,12 @@ class GispAllocator(Allocator):
         bar = tqdm(total=settings.steps, desc="gisp schedule", unit="step")
 
         def progress(step: int, info: dict) -> None:
-            if next(model.parameters()).is_cuda:              # memory printed on a GPU
+            device = next(model.parameters()).device
+            if device.type == "cuda":                          # memory printed on a GPU
                 import torch
 
-                info["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                peak = torch.cuda.max_memory_allocated(device)   # the model's GPU, not cuda:0
+                info["gpu_peak_gib"] = round(peak / 2**30, 2)
                 log.info("gisp step %d: peak GPU memory %.2f GiB", step, info["gpu_peak_gib"])
             bar.update(1)
             bar.set_postfix(pruned=f"{info['pruned']:.3f}", loss=f"{info['loss']:.3f}",
