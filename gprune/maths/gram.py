@@ -103,8 +103,8 @@ class GramCapture(HookedPass):
     """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, leaf: int = LEAF,
-                 chunk_elements: int | None = None):
-        super().__init__(model, next(model.parameters()).device)
+                 chunk_elements: int | None = None, device: torch.device | None = None):
+        super().__init__(model, device or next(model.parameters()).device)
         self.layers = adapter.decoder_layers(model)
         self.leaf = leaf
         self.chunk_elements = chunk_elements or default_chunk_elements(self.device)
