@@ -91,6 +91,10 @@ class GramSum:
         """0-dim bool: every diagonal entry finite (NaN/inf in any input shows there)."""
         return torch.isfinite(torch.diagonal(self._acc)).all()
 
+    def to_host(self) -> None:
+        """Move the accumulator to the host (a streamed pass's finished layer)."""
+        self._acc = self._acc.cpu()
+
     def matrix(self) -> torch.Tensor:
         """The symmetric (d+1, d+1) float64 Gram (a new tensor)."""
         return torch.triu(self._acc) + torch.triu(self._acc, 1).T              # (d+1, d+1)
@@ -146,9 +150,14 @@ class GramCapture(HookedPass):
     def first_non_finite(self) -> tuple[int, str] | None:
         """(layer, kind) of the first Gram with a NaN/inf, in forward order; None if none."""
         checks = [(i, kind) for i in range(len(self.layers)) for kind in ("attn", "mlp")]
-        finite = torch.stack([self.sums[kind][i].diagonal_finite()
+        finite = torch.stack([self.sums[kind][i].diagonal_finite().to(self.device)
                               for i, kind in checks]).cpu().tolist()   # one host sync
         return next((where for where, ok in zip(checks, finite) if not ok), None)
+
+    def offload(self, layer: int) -> None:
+        """Move one layer's accumulators to the host (streamed passes, after the layer)."""
+        for kind in KINDS:
+            self.sums[kind][layer].to_host()
 
     def matrices(self, layer: int) -> dict[str, torch.Tensor]:
         """{"mlp": (d_mlp+1, d_mlp+1), "attn": (d_attn+1, d_attn+1)} float64 of one layer."""

@@ -225,3 +225,19 @@ def check_fits(streamed: StreamedModel, batch_hidden_bytes: int, device: str) ->
 
 def _gb(count: int) -> str:
     return f"{count / 1e9:.3g} GB"
+
+
+def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int):
+    """(model, tokenizer, adapter, streamed) for a pass over batches of ``batch_tokens``:
+    the model loaded whole (``streamed`` None), or, when ``mode`` says to stream, the
+    skeleton of a ``StreamedModel`` that fits one layer at a time (else a one-line error)."""
+    from gprune.models.loader import load_model, load_tokenizer
+
+    if not should_stream(mode, path, device):
+        model, tokenizer, adapter = load_model(path, device)
+        return model, tokenizer, adapter, None
+    streamed = StreamedModel(path, device)
+    hidden = int(streamed.model.config.get_text_config().hidden_size)
+    itemsize = torch.empty((), dtype=streamed.dtype).element_size()
+    check_fits(streamed, batch_tokens * hidden * itemsize, device)
+    return streamed.model, load_tokenizer(path), streamed.adapter, streamed

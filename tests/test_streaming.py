@@ -1,0 +1,163 @@
+"""Layer-streamed passes equal the in-memory ones; bad input refused in one line.
+
+Every family's tiny model (GQA; Gemma 3 with windows longer than its sliding window), with
+padded rows: the streamed capture moments, per-layer cosines and Grams, and the streamed
+perplexity, against the in-memory passes (1e-6 relative); the capture and gram stages with
+``stream=on`` against ``stream=off``; spilling hidden states to disk changes nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gprune.configs.capture import CaptureConfig
+from gprune.configs.corpus import CorpusConfig
+from gprune.configs.gram import GramConfig
+from gprune.maths.calibrate import capture_with_grams, streamed_statistics
+from gprune.maths.capture import NonFiniteActivationError
+from gprune.maths.evaluate import window_nll
+from gprune.maths.streaming import streamed_window_nll
+from gprune.models.loader import load_model, resolve_model
+from gprune.models.streamed import MEMORY_ENV, StreamedModel, should_stream
+from tests.synthetic import nan_model, no_hooks
+
+RTOL = 1e-6
+COLUMNS = ["count", "sum", "sumsq", "sum_abs", "active"]
+
+
+def close(got, want) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * float(np.abs(want).max()))
+
+
+def batch(vocab: int = 256, rows: int = 5, width: int = 40):
+    """(input_ids, attention_mask) (rows, width); rows 1 and 4 padded at the end."""
+    ids = torch.randint(0, vocab, (rows, width), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    mask[4, 10:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("spill", [None, 0])
+def test_streamed_capture_and_grams_equal_in_memory(family, spill):
+    if spill == 0 and family not in ("gemma3", "llama"):
+        pytest.skip("spilling is family-independent: two families suffice")
+    ref = resolve_model(f"tiny:{family}")
+    model, _, adapter = load_model(ref)
+    ids, mask = batch()
+    want, want_grams = capture_with_grams(model, adapter, ids, mask, 2, progress=False)
+    streamed = StreamedModel(ref.path)
+    got, got_grams = streamed_statistics(streamed, ids, mask, 2, grams=True, spill_bytes=spill)
+    assert got.tokens == want.tokens == got_grams.tokens == int(mask.sum())
+    close(got.channels[COLUMNS], want.channels[COLUMNS])
+    close(got.layers[["cosine_sum", "cosine_count"]], want.layers[["cosine_sum", "cosine_count"]])
+    for layer in range(want_grams.num_layers):
+        for kind, gram in want_grams.layer(layer).items():
+            close(got_grams.layer(layer)[kind], gram)
+    assert no_hooks(streamed.model)
+    assert all(p.is_meta for layer in streamed.layers for p in layer.parameters())
+
+
+def test_streamed_perplexity_equals_in_memory(family):
+    ref = resolve_model(f"tiny:{family}")
+    model, _, _ = load_model(ref)
+    ids, mask = batch()
+    want_sums, want_counts = window_nll(model, ids, mask, 2)
+    sums, counts = streamed_window_nll(StreamedModel(ref.path), ids, mask, 2, spill_bytes=0)
+    assert torch.equal(counts, want_counts)
+    close(sums, want_sums)
+
+
+def test_non_finite_activation_names_the_layer(tmp_path):
+    model, _ = nan_model("llama")
+    model.save_pretrained(tmp_path)
+    ids, mask = batch()
+    with pytest.raises(NonFiniteActivationError, match="layer 1 of source 'x'") as err:
+        streamed_statistics(StreamedModel(tmp_path), ids, mask, 2, label="x")
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder with one short local source, ``fox.txt``."""
+    root = tmp_path_factory.mktemp("streaming")
+    (root / "fox.txt").write_text("".join(f"The quick brown fox number {i} jumps over the "
+                                          "dog.\n\n" for i in range(40)))
+    return root
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_capture_and_gram_stages_streamed_equal_in_memory(family, corpus, tmp_path):
+    import pandas as pd
+
+    from artifacts.store import ArtifactStore
+    from tasks.capture import run_capture
+    from tasks.corpus import run_corpus
+    from tasks.gram import read_gram, run_gram
+
+    model = f"tiny:{family}"
+    results = {}
+    for stream in ("off", "on"):
+        store = ArtifactStore(tmp_path / stream)
+        corpus_key = run_corpus(CorpusConfig(source=str(corpus / "fox.txt")), store)
+        config = CaptureConfig(source="fox", n_sequences=3, seq_len=48, batch_size=2,
+                               device="cpu", stream=stream)
+        capture = store.read(run_capture(config, store, model, corpus_key,
+                                         gram=GramConfig.from_capture(config)))
+        gram_key = run_gram(GramConfig.from_capture(config), store, model, corpus_key)
+        joint = [read_gram(store, gram_key, i) for i in range(3)]   # the capture's pass
+        assert run_gram(GramConfig.from_capture(config), store, model, corpus_key,
+                        force=True) == gram_key                     # the gram stage's own
+        assert capture.extra["streamed"] == (stream == "on")
+        results[stream] = (capture, joint, [read_gram(store, gram_key, i) for i in range(3)])
+    off, on = results["off"], results["on"]
+    assert on[0].key == off[0].key   # stream is an execution setting, not part of the key
+    close(pd.read_parquet(on[0].file("channels.parquet"))[COLUMNS],
+          pd.read_parquet(off[0].file("channels.parquet"))[COLUMNS])
+    for grams in (on[1], on[2], off[2]):
+        for got, want in zip(grams, off[1], strict=True):
+            for kind in want:
+                close(got[kind], want[kind])
+
+
+def test_auto_streams_when_the_weights_exceed_the_free_memory(monkeypatch):
+    path = resolve_model("tiny:llama").path
+    monkeypatch.setenv(MEMORY_ENV, "1000")
+    assert should_stream("auto", path, "cpu") and should_stream("on", path, "cpu")
+    assert not should_stream("off", path, "cpu")
+    monkeypatch.setenv(MEMORY_ENV, str(10**12))
+    assert not should_stream("auto", path, "cpu")
+
+
+def cli_capture(root, corpus_path, model, capsys, *extra) -> tuple[int, str]:
+    from gprune.cli import main
+
+    capsys.readouterr()   # what came before
+    code = main(["-q", "--store", str(root / "cli"), "stage", "capture", "--source",
+                 str(corpus_path), "--model", str(model), "--n-sequences", "2", "--seq-len",
+                 "32", "--device", "cpu", *extra])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_input_one_line_errors_and_nothing_written(corpus, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    root = corpus
+    tiny = resolve_model("tiny:llama").path
+    no_safetensors = tmp_path / "bin-model"
+    shutil.copytree(tiny, no_safetensors)
+    state = load_model(tiny)[0].state_dict()
+    (no_safetensors / "model.safetensors").unlink()
+    torch.save(state, no_safetensors / "pytorch_model.bin")
+    code, err = cli_capture(tmp_path, root / "fox.txt", no_safetensors, capsys, "--stream", "on")
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "no" in err and ".safetensors" in err and "convert" in err
+
+    monkeypatch.setenv(MEMORY_ENV, "100000")
+    code, err = cli_capture(tmp_path, root / "fox.txt", tiny, capsys, "--stream", "on")
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "does not fit" in err and "one layer at a time" in err and "GB" in err
+    assert not (tmp_path / "cli" / "capture").exists() or \
+        not any((tmp_path / "cli" / "capture").iterdir())
