@@ -161,3 +161,44 @@ def test_bad_input_one_line_errors_and_nothing_written(corpus, tmp_path, capsys,
     assert "does not fit" in err and "one layer at a time" in err and "GB" in err
     assert not (tmp_path / "cli" / "capture").exists() or \
         not any((tmp_path / "cli" / "capture").iterdir())
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "starcoder2"])
+def test_pruned_checkpoint_streamed_perplexity_equals_in_memory(family, tmp_path):
+    """A saved pruned checkpoint (per-layer widths; its last layer without attention)."""
+    from gprune.models.pruned import save_pruned
+    from tests.test_surgery import pruned_in_memory
+
+    _, pruned, _ = pruned_in_memory(family, last_without_attention=True)
+    save_pruned(pruned, None, tmp_path / "ckpt", {"test": True})
+    model, _, _ = load_model(tmp_path / "ckpt")
+    ids, mask = batch()
+    want_sums, want_counts = window_nll(model, ids, mask, 2)
+    sums, counts = streamed_window_nll(StreamedModel(tmp_path / "ckpt"), ids, mask, 2)
+    assert torch.equal(counts, want_counts)
+    close(sums, want_sums)
+
+
+def test_perplexity_stage_streamed_equals_in_memory(corpus, tmp_path):
+    """Same key, same rows (perplexity, sizes, FLOPs) with stream on and off."""
+    import pandas as pd
+
+    from artifacts.store import ArtifactStore
+    from gprune.configs.perplexity import PerplexityConfig
+    from tasks.corpus import run_corpus
+    from tasks.perplexity import run_perplexity
+
+    frames, keys = {}, {}
+    for stream in ("off", "on"):
+        store = ArtifactStore(tmp_path / stream)
+        corpus_key = run_corpus(CorpusConfig(source=str(corpus / "fox.txt"),
+                                             heldout_fraction=0.5), store)
+        config = PerplexityConfig(ppl_tokens=96, seq_len=32, batch_size=2, device="cpu",
+                                  stream=stream)
+        keys[stream] = run_perplexity(config, store, "tiny:gemma3", {"fox": corpus_key})
+        art = store.read(keys[stream], stage="perplexity")
+        assert art.extra["streamed"] == (stream == "on")
+        frames[stream] = pd.read_parquet(art.file("results.parquet"))
+    assert keys["on"] == keys["off"]
+    assert list(frames["on"]["name"]) == list(frames["off"]["name"])
+    close(frames["on"]["value"], frames["off"]["value"])
