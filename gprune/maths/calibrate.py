@@ -41,7 +41,7 @@ def streamed_statistics(source, input_ids: torch.Tensor, attention_mask: torch.T
                         ) -> tuple[CaptureResult | None, GramResult | None]:
     """``capture_statistics`` (``capture``), ``accumulate_grams`` (``grams``) or both, layer
     streamed (``gprune.maths.streaming``; ``source``: a ``StreamedModel``): equal results,
-    the same errors. On a GPU each finished layer's Grams move to the host."""
+    the same errors. Each finished layer's Grams go to a file (``GramCapture.spill``)."""
     from gprune.maths.streaming import stream_pass
 
     parts: list[HookedPass] = []
@@ -56,8 +56,7 @@ def streamed_statistics(source, input_ids: torch.Tensor, attention_mask: torch.T
             non_finite_message(layer, kind, label)))
     joint = JointPass(parts)
     gram_part = parts[-1] if grams else None
-    after = gram_part.offload if gram_part is not None and source.device.type != "cpu" \
-        else None
+    after = gram_part.spill if gram_part is not None else None
     stream_pass(source, joint, input_ids, attention_mask, batch_size,
                 lambda layer, what: errors[joint.failed](layer, what), spill_bytes, after)
     return (parts[0].result() if capture else None,

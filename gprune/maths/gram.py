@@ -22,13 +22,20 @@ Hooks are registered in ``__enter__`` and always removed in ``__exit__``. A NaN/
 input shows on the Gram's diagonal (checked per batch, O(d)); off-diagonal entries are then
 finite by Cauchy-Schwarz.
 
+A layer-streamed pass (``gprune.maths.calibrate.streamed_statistics``) writes each finished
+layer's Grams to a float64 file (``GramCapture.spill``) and frees them, so only one layer's
+accumulators are ever in memory.
+
 Cost per source: ``gram_bytes`` = 8 * sum over layers of (d_mlp+1)^2 + (d_attn+1)^2 bytes
 in memory (float64); 4 bytes per entry on disk in float32.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,13 +98,32 @@ class GramSum:
         """0-dim bool: every diagonal entry finite (NaN/inf in any input shows there)."""
         return torch.isfinite(torch.diagonal(self._acc)).all()
 
-    def to_host(self) -> None:
-        """Move the accumulator to the host (a streamed pass's finished layer)."""
-        self._acc = self._acc.cpu()
-
     def matrix(self) -> torch.Tensor:
         """The symmetric (d+1, d+1) float64 Gram (a new tensor)."""
         return torch.triu(self._acc) + torch.triu(self._acc, 1).T              # (d+1, d+1)
+
+
+class SpilledGram:
+    """A finished layer's symmetric Gram in a float64 file (streamed passes keep none in
+    memory); same reading interface as ``GramSum``. Written under a temporary name, then
+    renamed."""
+
+    def __init__(self, gram: GramSum, path: Path):
+        from safetensors.torch import save_file
+
+        self.width = gram.width
+        self._finite = bool(gram.diagonal_finite())
+        save_file({"gram": gram.matrix().cpu().contiguous()}, str(path.with_suffix(".part")))
+        path.with_suffix(".part").replace(path)
+        self.path = path
+
+    def diagonal_finite(self) -> torch.Tensor:
+        return torch.tensor(self._finite)
+
+    def matrix(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path))["gram"]                               # (d+1, d+1)
 
 
 class GramCapture(HookedPass):
@@ -117,6 +143,7 @@ class GramCapture(HookedPass):
         self.sums = {kind: [GramSum(m.in_features, self.device, leaf) for m in modules]
                      for kind, modules in self.modules.items()}
         self._blocks: dict[int, torch.Tensor] = {}   # width d -> reused (rows, d+1) block
+        self._spill_dir: tempfile.TemporaryDirectory | None = None
 
     def _register(self) -> None:
         for kind in KINDS:
@@ -154,10 +181,15 @@ class GramCapture(HookedPass):
                               for i, kind in checks]).cpu().tolist()   # one host sync
         return next((where for where, ok in zip(checks, finite) if not ok), None)
 
-    def offload(self, layer: int) -> None:
-        """Move one layer's accumulators to the host (streamed passes, after the layer)."""
+    def spill(self, layer: int) -> None:
+        """Write one layer's Grams to float64 files in a private temporary folder (removed
+        with this object) and free their accumulators (streamed passes, after the layer)."""
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.TemporaryDirectory(
+                prefix="gprune-grams-", dir=os.environ.get("GPRUNE_STREAM_SPILL_DIR"))
         for kind in KINDS:
-            self.sums[kind][layer].to_host()
+            path = Path(self._spill_dir.name) / f"layer_{layer:04d}_{kind}.safetensors"
+            self.sums[kind][layer] = SpilledGram(self.sums[kind][layer], path)
 
     def matrices(self, layer: int) -> dict[str, torch.Tensor]:
         """{"mlp": (d_mlp+1, d_mlp+1), "attn": (d_attn+1, d_attn+1)} float64 of one layer."""

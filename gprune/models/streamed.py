@@ -3,8 +3,8 @@
 ``StreamedModel(path, device)`` builds the family's CausalLM from its config with every
 parameter on the ``meta`` device (``accelerate.init_empty_weights``: buffers such as the
 rotary frequencies are computed as usual), then materializes on ``device`` everything that
-is not a decoder layer (embeddings, final norm, head) from the ``.safetensors`` files,
-which are memory-mapped (``safe_open``): nothing but the tensors asked for is read.
+is not a decoder layer (embeddings, final norm, head) from the ``.safetensors`` files:
+their headers give each tensor's byte range, and nothing but the tensors asked for is read.
 ``load_layer(i)`` puts decoder layer ``i``'s weights on the device, ``unload_layer(i)``
 returns them to ``meta``. Layers and parameter names are found through the adapter and
 ``named_modules`` (no attribute names here). Pruned checkpoints (per-layer widths) build
@@ -50,29 +50,50 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """A ``.safetensors`` file's JSON header and the offset where its data starts."""
+    with file.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(size)), 8 + size
+
+
 class WeightIndex:
-    """Tensor name -> its memory-mapped ``.safetensors`` file; reads one tensor at a time."""
+    """Tensor name -> (file, dtype, shape, byte range), from the ``.safetensors`` headers;
+    ``get`` reads one tensor's bytes with a positional read. (A memory map would do too,
+    but every page it touches stays in the process's resident set until the kernel
+    reclaims it: reading all layers through one would show the whole file there.)"""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._files = {}
-        self.shapes: dict[str, tuple[list[int], str]] = {}
+        self.entries: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for file in weight_files(path):
-            handle = safe_open(str(file), framework="pt", device="cpu")
-            for name in handle.keys():
-                self._files[name] = handle
-                part = handle.get_slice(name)
-                self.shapes[name] = (list(part.get_shape()), part.get_dtype())
+            header, data = read_header(file)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    self.entries[name] = (file, entry["dtype"], entry["shape"],
+                                          data + begin, end - begin)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self.entries
 
     def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        if name not in self._files:
+        if name not in self.entries:
             raise StreamingError(f"the model's .safetensors files have no tensor {name!r}; "
                                  "is the folder a complete HF checkpoint?")
-        return self._files[name].get_tensor(name).to(device=device, dtype=dtype)
+        file, kind, shape, offset, size = self.entries[name]
+        data = bytearray(size)
+        with file.open("rb", buffering=0) as handle:
+            handle.seek(offset)
+            handle.readinto(data)
+        if size == 0:
+            return torch.empty(shape, dtype=dtype, device=device)
+        tensor = torch.frombuffer(data, dtype=_DTYPES[kind]).reshape(shape)
+        return tensor.to(device=device, dtype=dtype)
 
 
 def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor, buffer: bool) -> None:
@@ -178,13 +199,9 @@ def model_weight_bytes(path: Path, dtype: torch.dtype = torch.float32) -> int:
     if not files:
         return sum(f.stat().st_size for f in Path(path).glob("*.bin"))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for file in files:
-        with file.open("rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        total += sum(_numel(entry["shape"]) for name, entry in header.items()
-                     if name != "__metadata__")
-    return total * itemsize
+    return itemsize * sum(_numel(entry["shape"]) for file in files
+                          for name, entry in read_header(file)[0].items()
+                          if name != "__metadata__")
 
 
 def _numel(shape: list[int]) -> int:
