@@ -88,7 +88,17 @@ class GramSum:
     def __init__(self, width: int, device: torch.device, leaf: int = LEAF):
         self.width = width                                                  # d
         self.leaf = leaf
-        self._acc = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
+        self.device = device
+        self._zeros: torch.Tensor | None = None   # allocated at the first update
+
+    @property
+    def _acc(self) -> torch.Tensor:
+        """The (d+1, d+1) float64 accumulator (a streamed pass allocates one layer's at a
+        time: a layer's Grams exist from its first update on)."""
+        if self._zeros is None:
+            self._zeros = torch.zeros(self.width + 1, self.width + 1, dtype=torch.float64,
+                                      device=self.device)
+        return self._zeros
 
     def add(self, block: torch.Tensor) -> None:
         """block (m, d+1) float64, last column 1: G += block^T block (upper triangle)."""
@@ -96,7 +106,9 @@ class GramSum:
 
     def diagonal_finite(self) -> torch.Tensor:
         """0-dim bool: every diagonal entry finite (NaN/inf in any input shows there)."""
-        return torch.isfinite(torch.diagonal(self._acc)).all()
+        if self._zeros is None:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.diagonal(self._zeros)).all()
 
     def matrix(self) -> torch.Tensor:
         """The symmetric (d+1, d+1) float64 Gram (a new tensor)."""

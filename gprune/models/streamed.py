@@ -14,8 +14,8 @@ When to stream (``stream="auto"``): when the model's weights, in the run's dtype
 ``FIT_FRACTION`` of the device memory that is free (CUDA: ``torch.cuda.mem_get_info``; CPU:
 psutil's available memory; ``$GPRUNE_DEVICE_MEMORY``, in bytes, overrides either), the
 rest being left to activations and statistics. Streaming needs, resident, the non-layer
-weights, the largest layer and one batch of hidden states; a model that does not fit even
-that is refused in one line with the sizes.
+weights, the largest layer and one batch's activations (``check_fits``); a model that does
+not fit even that is refused in one line with the sizes.
 """
 from __future__ import annotations
 
@@ -223,21 +223,24 @@ def should_stream(mode: StreamMode, path: Path, device: str,
     return True
 
 
-def check_fits(streamed: StreamedModel, batch_hidden_bytes: int, device: str) -> None:
+def check_fits(streamed: StreamedModel, batch_tokens: int, device: str) -> None:
     """Refuse, in one line with the sizes, a model whose resident weights, largest layer
-    and one batch of hidden states (x3: input, output and the layer's activations)
-    exceed the free device memory."""
+    and one batch's activations exceed the free device memory. A batch's activations are
+    counted as 3 hidden-state and 3 MLP-intermediate tensors (the layer's input, output and
+    residual; the MLP's gate, up and product), in the run's dtype."""
     largest = max(range(len(streamed.layers)), key=streamed.layer_bytes)
-    need = (streamed.resident_bytes() + streamed.layer_bytes(largest)
-            + 3 * batch_hidden_bytes)
+    shape = streamed.adapter.shape(streamed.model.config)
+    itemsize = torch.empty((), dtype=streamed.dtype).element_size()
+    batch = 3 * batch_tokens * (shape.hidden + shape.intermediate) * itemsize
+    need = streamed.resident_bytes() + streamed.layer_bytes(largest) + batch
     free = available_bytes(device)
     if need > free:
         raise StreamingError(
             f"the model does not fit on {device} even one layer at a time: embeddings/norm/"
             f"head {_gb(streamed.resident_bytes())} + layer {largest} "
-            f"{_gb(streamed.layer_bytes(largest))} + 3 x one batch of hidden states "
-            f"{_gb(batch_hidden_bytes)} = {_gb(need)} > {_gb(free)} free; lower the batch "
-            "size or use a device with more memory")
+            f"{_gb(streamed.layer_bytes(largest))} + one batch's activations {_gb(batch)} "
+            f"= {_gb(need)} > {_gb(free)} free; lower the batch size or sequence length, or "
+            "use a device with more memory")
 
 
 def _gb(count: int) -> str:
@@ -254,7 +257,5 @@ def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int):
         model, tokenizer, adapter = load_model(path, device)
         return model, tokenizer, adapter, None
     streamed = StreamedModel(path, device)
-    hidden = int(streamed.model.config.get_text_config().hidden_size)
-    itemsize = torch.empty((), dtype=streamed.dtype).element_size()
-    check_fits(streamed, batch_tokens * hidden * itemsize, device)
+    check_fits(streamed, batch_tokens, device)
     return streamed.model, load_tokenizer(path), streamed.adapter, streamed
