@@ -128,6 +128,7 @@ class SpilledGram:
         save_file({"gram": gram.matrix().cpu().contiguous()}, str(path.with_suffix(".part")))
         path.with_suffix(".part").replace(path)
         self.path = path
+        gram._zeros = None   # its hook still holds ``gram``: free the accumulator itself
 
     def diagonal_finite(self) -> torch.Tensor:
         return torch.tensor(self._finite)

@@ -134,9 +134,9 @@ def _moved(value, device: torch.device, memo: dict):
 @contextlib.contextmanager
 def replaced_forwards(layers: list[nn.Module],
                       make: Callable[[int], Callable]) -> Iterator[None]:
-    """Inside ``with``, layer i's forward is ``make(i)`` (hooks do not run on it: the
-    replacement is called through the module, but the layer's hooks only see real runs
-    because the passes feed only inside ``run_layers``); always restored."""
+    """Inside ``with``, layer i's forward is ``make(i)`` (an instance attribute, so the
+    module's hooks still fire around it: the passes ignore them, as they are fed only
+    inside ``run_layers``); the class's forward is always restored."""
     try:
         for index, layer in enumerate(layers):
             layer.forward = make(index)
