@@ -15,17 +15,15 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from artifacts.store import ArtifactStore, PendingArtifact
 from gprune.configs.perplexity import PerplexityConfig
 from gprune.eval.results import record
 from gprune.maths import evaluate as em
 from tasks.base import run_stage, stage_spec
 from gprune.maths.streaming import streamed_window_nll
-from gprune.models.loader import resolve_device
-from gprune.models.streamed import StreamedModel, open_model
-from tasks.checkpoint import progress_bars, resolve_checkpoint, window_length, write_results
+from gprune.models.streamed import StreamedModel
+from tasks.checkpoint import (load_checkpoint, progress_bars, resolve_checkpoint, window_length,
+                              write_results)
 
 log = logging.getLogger("gprune")
 STAGE = "perplexity"
@@ -40,16 +38,15 @@ def run_perplexity(config: PerplexityConfig, store: ArtifactStore, model: str,
 
     def build(pending: PendingArtifact) -> None:
         start = time.perf_counter()
-        torch.manual_seed(config.seed)
-        device = resolve_device(config.device)
-        net, tokenizer, adapter, streamed = open_model(
-            checkpoint.path, device, config.stream, config.batch_size * config.seq_len)
+        loaded, tokenizer, adapter, _ = load_checkpoint(
+            config, checkpoint, config.stream, config.batch_size * config.seq_len)
+        streamed = isinstance(loaded, StreamedModel)
+        net = loaded.model if streamed else loaded
         seq_len = window_length(STAGE, config.seq_len, net)
-        rows = [*ppl_rows(config, store, corpus_keys, streamed or net, tokenizer, seq_len,
+        rows = [*ppl_rows(config, store, corpus_keys, loaded, tokenizer, seq_len,
                           checkpoint.extra["calibration_sources"]),
                 *size_rows(net, adapter, seq_len)]
-        write_results(pending, rows, checkpoint, seq_len_used=seq_len,
-                      streamed=streamed is not None)
+        write_results(pending, rows, checkpoint, seq_len_used=seq_len, streamed=streamed)
         log.info("perplexity: %s (%s) done in %.1f s", checkpoint.extra["method"],
                  checkpoint.identity, time.perf_counter() - start)
 
