@@ -131,6 +131,16 @@ def test_auto_streams_when_the_weights_exceed_the_free_memory(monkeypatch):
     assert not should_stream("auto", path, "cpu")
 
 
+def test_the_pipeline_passes_stream_to_capture_gram_and_perplexity():
+    from gprune.configs.pipeline import PipelineConfig
+
+    config = PipelineConfig(model="tiny:llama", stream="on")
+    capture = config.capture_config("wikipedia")
+    assert capture.stream == "on" and GramConfig.from_capture(capture).stream == "on"
+    assert config.perplexity_config().stream == "on"
+    assert "stream" not in capture.params() and "stream" not in config.perplexity_config().params()
+
+
 def cli_capture(root, corpus_path, model, capsys, *extra) -> tuple[int, str]:
     from gprune.cli import main
 

@@ -20,6 +20,7 @@ not fit even that is refused in one line with the sizes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,7 @@ from torch import nn
 from gprune.errors import GpruneError
 from gprune.models.adapters import FamilyAdapter, adapter_for
 
+log = logging.getLogger("gprune")
 StreamMode = Literal["auto", "on", "off"]
 FIT_FRACTION = 0.8
 MEMORY_ENV = "GPRUNE_DEVICE_MEMORY"
@@ -258,4 +260,6 @@ def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int):
         return model, tokenizer, adapter, None
     streamed = StreamedModel(path, device)
     check_fits(streamed, batch_tokens, device)
+    log.info("layer-streamed on %s (stream=%s): %s of float32 weights, %s free", device, mode,
+             _gb(model_weight_bytes(path)), _gb(available_bytes(device)))
     return streamed.model, load_tokenizer(path), streamed.adapter, streamed
