@@ -2,8 +2,10 @@
 
 Every family's tiny model (GQA; Gemma 3 with windows longer than its sliding window), with
 padded rows: the streamed capture moments, per-layer cosines and Grams, and the streamed
-perplexity, against the in-memory passes (1e-6 relative); the capture and gram stages with
-``stream=on`` against ``stream=off``; spilling hidden states to disk changes nothing.
+perplexity (dense, and saved pruned checkpoints), against the in-memory passes (1e-6
+relative); the capture, gram and perplexity stages, and the plans allocated from streamed
+captures, with ``stream=on`` against ``stream=off``; spilling hidden states to disk changes
+nothing. Bad input through the CLI: one line, non-zero exit, no artifact.
 """
 from __future__ import annotations
 
@@ -212,3 +214,31 @@ def test_perplexity_stage_streamed_equals_in_memory(corpus, tmp_path):
     assert keys["on"] == keys["off"]
     assert list(frames["on"]["name"]) == list(frames["off"]["name"])
     close(frames["on"]["value"], frames["off"]["value"])
+
+
+def test_plans_from_streamed_captures_equal_in_memory(tmp_path):
+    """capture (stream on / off) -> stats -> partition -> score -> allocate: equal plans."""
+    from artifacts.store import ArtifactStore
+    from gprune.configs.stats import StatsConfig
+    from gprune.maths.plan import PruningPlan
+    from gprune.methods.registry import build_method
+    from tasks.capture import run_capture
+    from tasks.corpus import run_corpus
+    from tasks.stats import run_stats
+    from tests.test_stage_chain import TEXTS, plan_for
+
+    plans = {}
+    for stream in ("off", "on"):
+        store = ArtifactStore(tmp_path / stream)
+        captures = []
+        for name, text in TEXTS.items():
+            path = tmp_path / f"{name}.txt"
+            path.write_text("".join(f"{text.strip()} ({i})\n\n" for i in range(60)))
+            corpus = run_corpus(CorpusConfig(source=str(path)), store)
+            config = CaptureConfig(source=name, n_sequences=4, seq_len=48, batch_size=2,
+                                   device="cpu", stream=stream)
+            captures.append(run_capture(config, store, "tiny:qwen2", corpus))
+        stats = run_stats(StatsConfig(), store, captures)
+        key = plan_for(store, stats, build_method("gprune"), 0.3)
+        plans[stream] = PruningPlan.read(store.read(key).path).layers
+    assert plans["on"] == plans["off"]
