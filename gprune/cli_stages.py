@@ -32,6 +32,15 @@ def _capture_pass(p):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
+    _stream(p)
+
+
+def _stream(p):
+    from gprune.configs.capture import CalibrationPass
+
+    field = CalibrationPass.model_fields["stream"]
+    p.add_argument("--stream", choices=["auto", "on", "off"], default=field.default,
+                   help=field.description)
 
 
 def _gram(p):
@@ -128,6 +137,7 @@ def _perplexity(p):
                    help="corpus sources whose held-out split is scored")
     _evaluated(p, PerplexityConfig, {"--tokens": "ppl_tokens", "--seq-len": "seq_len",
                                      "--batch-size": "batch_size"})
+    _stream(p)
 
 
 def _choice(p):
@@ -207,7 +217,7 @@ def _capture_inputs(args, store, source: str | None = None):
     source = source or args.source
     config = CaptureConfig.build(source=source, n_sequences=args.n_sequences,
                                  seq_len=args.seq_len, batch_size=args.batch_size,
-                                 seed=args.seed, device=args.device)
+                                 seed=args.seed, device=args.device, stream=args.stream)
     return config, run_corpus(CorpusConfig.build(source=source, seed=args.seed), store)
 
 
@@ -311,7 +321,7 @@ def _run_perplexity(args, store):
 
     config = PerplexityConfig.build(ppl_tokens=args.tokens, seq_len=args.seq_len,
                                     batch_size=args.batch_size, device=args.device,
-                                    seed=args.seed)
+                                    seed=args.seed, stream=args.stream)
     corpora = {s: run_corpus(CorpusConfig.build(source=s), store) for s in args.sources}
     return run_perplexity(config, store, args.model, corpora, force=args.force)
 

@@ -17,7 +17,8 @@ Files of a capture artifact:
 
 Manifest extra: source, tokens (real), requested_tokens, family, model_path, device,
 statistics_path ("compiled": the fused CPU kernels of gprune.maths.native; "torch": the
-pure-torch reference path, used on GPUs, for non-float32 models and without a C compiler).
+pure-torch reference path, used on GPUs, for non-float32 models and without a C compiler),
+streamed (whether the pass ran one decoder layer at a time: ``CaptureConfig.stream``).
 
 With a companion gram config (``run_capture(..., gram=...)``, what the flow passes when a
 method needs Grams) the same forward pass also stores that source's gram artifact.
@@ -35,9 +36,10 @@ from artifacts.store import ArtifactStore
 from gprune.configs.capture import CaptureConfig
 from gprune.configs.gram import GramConfig
 from gprune.errors import ConfigError, GpruneError
-from gprune.maths.calibrate import capture_with_grams
+from gprune.maths.calibrate import capture_with_grams, streamed_statistics
 from gprune.maths.capture import capture_statistics
-from gprune.models.loader import load_model, resolve_device, resolve_model
+from gprune.models.loader import resolve_device, resolve_model
+from gprune.models.streamed import open_model
 from tasks.base import run_stage, stage_spec
 from tasks.gram import gram_stored, store_grams
 
@@ -74,15 +76,21 @@ def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_
 
         texts = read_split(store, corpus_key, "calibration")
         device = resolve_device(config.device)
-        dense, tokenizer, adapter = load_model(ref, device)
+        dense, tokenizer, adapter, streamed = open_model(
+            ref.path, device, config.stream, config.batch_size * config.seq_len)
         input_ids, attention_mask = sample_sequences(texts, tokenizer, config.n_sequences,
                                                      config.seq_len, config.seed)
         tokens = check_token_count(int(attention_mask.sum()), config)
         args = (dense, adapter, input_ids, attention_mask, config.batch_size, config.tau_act)
-        if gram is None or gram_stored(store, gram, ref, corpus_key):
-            result = capture_statistics(*args, label=config.source)
-        else:
+        joint = gram is not None and not gram_stored(store, gram, ref, corpus_key)
+        if streamed is not None:
+            result, grams = streamed_statistics(streamed, *args[2:], label=config.source,
+                                                grams=joint)
+        elif joint:
             result, grams = capture_with_grams(*args, label=config.source)
+        else:
+            result = capture_statistics(*args, label=config.source)
+        if joint:
             store_grams(store, grams, gram, ref, corpus_key, device, dense, adapter)
         assert result.tokens == tokens, (result.tokens, tokens)
         write_table(result.channels, CHANNELS_SCHEMA, out.file("channels.parquet"))
@@ -90,7 +98,8 @@ def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_
         out.extra.update({"source": config.source, "tokens": tokens,
                           "requested_tokens": config.requested_tokens, "family": ref.family,
                           "model_path": str(ref.path), "device": device,
-                          "statistics_path": result.statistics_path})
+                          "statistics_path": result.statistics_path,
+                          "streamed": streamed is not None})
 
     return run_stage(store, "capture", spec, build, force)
 

@@ -23,7 +23,7 @@ import torch
 from artifacts.store import ArtifactStore, PendingArtifact
 from gprune.configs.evaluate import EvalStageConfig
 from gprune.eval.results import RESULTS_FILE, results_frame
-from gprune.models.loader import load_model, resolve_device, resolve_model
+from gprune.models.loader import resolve_device, resolve_model
 
 log = logging.getLogger("gprune")
 
@@ -66,12 +66,18 @@ def _calibration_sources(store: ArtifactStore, extra: dict[str, Any]) -> list[st
     return []
 
 
-def load_checkpoint(config: EvalStageConfig, checkpoint: Checkpoint):
-    """Seed torch and load the checkpoint: (model, tokenizer, adapter, device)."""
+def load_checkpoint(config: EvalStageConfig, checkpoint: Checkpoint, stream: str = "off",
+                    batch_tokens: int = 0):
+    """Seed torch and load the checkpoint: (model, tokenizer, adapter, device). With
+    ``stream`` auto/on (``gprune.models.streamed.should_stream``) ``model`` may be a
+    ``StreamedModel`` for batches of ``batch_tokens`` (its ``model``: the weightless one)."""
+    from gprune.models.streamed import open_model
+
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    model, tokenizer, adapter = load_model(checkpoint.path, device=device)
-    return model, tokenizer, adapter, device
+    model, tokenizer, adapter, streamed = open_model(checkpoint.path, device, stream,
+                                                     batch_tokens)
+    return streamed or model, tokenizer, adapter, device
 
 
 def write_results(pending: PendingArtifact, rows: list[dict], checkpoint: Checkpoint,

@@ -41,7 +41,9 @@ from gprune.errors import ArtifactError, ConfigError, CorruptArtifactError
 from gprune.maths.gram import (KINDS, GramResult, NonFiniteGramError, accumulate_grams,
                                describe_cost, gram_bytes, gram_dims, gram_flops_per_token,
                                non_finite_message)
-from gprune.models.loader import load_model, resolve_device, resolve_model
+from gprune.maths.calibrate import streamed_statistics
+from gprune.models.loader import resolve_device, resolve_model
+from gprune.models.streamed import open_model
 from tasks.base import intact, run_stage, stage_spec
 
 log = logging.getLogger("gprune")
@@ -61,13 +63,20 @@ def run_gram(config: GramConfig, store: ArtifactStore, model: str, corpus_key: s
 
     def build(out) -> None:
         device = resolve_device(config.device)
-        dense, tokenizer, adapter = load_model(ref, device)
+        dense, tokenizer, adapter, streamed = open_model(
+            ref.path, device, config.stream, config.batch_size * config.seq_len)
         input_ids, attention_mask, tokens = calibration_tokens(store, corpus_key, tokenizer,
                                                                config)
-        log.info("gram %s: %s", config.source,
-                 describe_cost(gram_dims(dense, adapter), config.storage_dtype))
-        result = accumulate_grams(dense, adapter, input_ids, attention_mask,
-                                  config.batch_size, label=config.source)
+        log.info("gram %s: %s%s", config.source,
+                 describe_cost(gram_dims(dense, adapter), config.storage_dtype),
+                 " (layer-streamed)" if streamed is not None else "")
+        if streamed is not None:
+            _, result = streamed_statistics(streamed, input_ids, attention_mask,
+                                            config.batch_size, label=config.source,
+                                            capture=False, grams=True)
+        else:
+            result = accumulate_grams(dense, adapter, input_ids, attention_mask,
+                                      config.batch_size, label=config.source)
         assert result.tokens == tokens, (result.tokens, tokens)
         write_grams(out, result, config, ref, device, dense, adapter)
 

@@ -7,7 +7,8 @@ source (tagged ``in`` when the source calibrated the checkpoint, else ``ood``), 
 ``size`` rows (parameter counts, bytes) and ``flops_per_token``. Size and FLOPs live
 here because they are cheap and FLOPs per token depend on the perplexity window (the
 forward pass is counted at the mean causal context of one window); the manifest's extra
-holds the run metadata and ``seq_len_used`` (``seq_len`` cut to the model's context).
+holds the run metadata, ``seq_len_used`` (``seq_len`` cut to the model's context) and
+``streamed`` (whether the checkpoint ran one decoder layer at a time: ``PerplexityConfig.stream``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from gprune.configs.perplexity import PerplexityConfig
 from gprune.eval.results import record
 from gprune.maths import evaluate as em
 from tasks.base import run_stage, stage_spec
+from gprune.maths.streaming import streamed_window_nll
+from gprune.models.streamed import StreamedModel
 from tasks.checkpoint import (load_checkpoint, progress_bars, resolve_checkpoint, window_length,
                               write_results)
 
@@ -35,12 +38,15 @@ def run_perplexity(config: PerplexityConfig, store: ArtifactStore, model: str,
 
     def build(pending: PendingArtifact) -> None:
         start = time.perf_counter()
-        net, tokenizer, adapter, _ = load_checkpoint(config, checkpoint)
+        loaded, tokenizer, adapter, _ = load_checkpoint(
+            config, checkpoint, config.stream, config.batch_size * config.seq_len)
+        streamed = isinstance(loaded, StreamedModel)
+        net = loaded.model if streamed else loaded
         seq_len = window_length(STAGE, config.seq_len, net)
-        rows = [*ppl_rows(config, store, corpus_keys, net, tokenizer, seq_len,
+        rows = [*ppl_rows(config, store, corpus_keys, loaded, tokenizer, seq_len,
                           checkpoint.extra["calibration_sources"]),
                 *size_rows(net, adapter, seq_len)]
-        write_results(pending, rows, checkpoint, seq_len_used=seq_len)
+        write_results(pending, rows, checkpoint, seq_len_used=seq_len, streamed=streamed)
         log.info("perplexity: %s (%s) done in %.1f s", checkpoint.extra["method"],
                  checkpoint.identity, time.perf_counter() - start)
 
@@ -59,7 +65,12 @@ def ppl_rows(config: PerplexityConfig, store: ArtifactStore, corpus_keys: dict[s
         texts = read_split(store, key, "heldout")
         ids, mask = sample_sequences(texts, tokenizer, n_windows, seq_len, config.seed)
         start = time.perf_counter()  # ids, mask: (windows, seq_len)
-        result = em.perplexity(model, ids, mask, config.batch_size, progress=progress_bars())
+        if isinstance(model, StreamedModel):
+            result = em.perplexity_from_nll(*streamed_window_nll(model, ids, mask,
+                                                                 config.batch_size))
+        else:
+            result = em.perplexity(model, ids, mask, config.batch_size,
+                                   progress=progress_bars())
         log.info("perplexity: %s (%d windows x %d tokens): %.2f in %.1f s", source,
                  *ids.shape, result.ppl, time.perf_counter() - start)
         rows.append(record("ppl", source, "ppl", result.ppl, result.stderr, result.tokens,

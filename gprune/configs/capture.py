@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -15,8 +15,9 @@ class CalibrationPass(StageConfig):
     """Which calibration tokens run through the dense model, and where: the fields the
     capture and the gram stages share, so with equal values both see the same tokens.
 
-    ``device`` and ``batch_size`` are execution settings: they do not change the
-    statistics (beyond float rounding), so ``device`` is left out of the artifact key.
+    ``device``, ``batch_size`` and ``stream`` are execution settings: they do not change the
+    statistics (beyond float rounding), so ``device`` and ``stream`` are left out of the
+    artifact key (a streamed pass gives what the in-memory one gives: tests/test_streaming.py).
     """
 
     source: str = Field(min_length=1, description="name of the calibration source (a label)")
@@ -25,6 +26,10 @@ class CalibrationPass(StageConfig):
     batch_size: int = Field(4, gt=0, description="sequences per forward pass")
     seed: int = Field(0, ge=0, description="seed of the sequence sampler")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="layer-streamed pass, one decoder layer's weights on the device at "
+                            "a time (docs/SCALE.md); auto: when the weights do not fit the "
+                            "device's free memory")
 
     @field_validator("source")
     @classmethod
@@ -41,9 +46,10 @@ class CalibrationPass(StageConfig):
         return value
 
     def params(self) -> dict[str, Any]:
-        """Key parameters: everything except the device the pass ran on."""
+        """Key parameters: everything except the device the pass ran on and how."""
         params = super().params()
         params.pop("device")
+        params.pop("stream")
         return params
 
     @property

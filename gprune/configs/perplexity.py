@@ -2,6 +2,8 @@
 ``gprune.configs.evaluate``)."""
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import Field
 
 from gprune.configs.evaluate import EvalStageConfig
@@ -17,3 +19,13 @@ class PerplexityConfig(EvalStageConfig):
                             description="held-out tokens per corpus source (perplexity budget)")
     seq_len: int = Field(512, ge=2, le=131072, description="tokens per perplexity window")
     batch_size: int = Field(4, ge=1, le=1024, description="perplexity windows per forward pass")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="layer-streamed evaluation, one decoder layer's weights on the "
+                            "device at a time (docs/SCALE.md); auto: when the weights do not "
+                            "fit the device's free memory")
+
+    def params(self) -> dict[str, Any]:
+        """Key parameters: ``stream`` only changes how the perplexity is computed."""
+        params = super().params()
+        params.pop("stream")
+        return params

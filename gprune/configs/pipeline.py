@@ -78,6 +78,10 @@ class PipelineConfig(StageConfig):
     attribution_tokens: int = Field(4096, ge=16, description="tokens of the first calibration "
                                                              "source matched to units")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="layer-streamed capture, Grams and perplexity: one decoder layer's "
+                            "weights on the device at a time (docs/SCALE.md); auto: when the "
+                            "weights do not fit the device's free memory")
     seed: int = Field(0, description="seed of every sampled choice")
     force: list[str] = Field(default_factory=list,
                              description=f"stages to recompute ({', '.join(STAGES)}, all)")
@@ -121,7 +125,7 @@ class PipelineConfig(StageConfig):
     def capture_config(self, source: str) -> CaptureConfig:
         return CaptureConfig(source=source, n_sequences=self.capture_sequences,
                              seq_len=self.capture_seq_len, batch_size=self.capture_batch_size,
-                             seed=self.seed, device=self.device)
+                             seed=self.seed, device=self.device, stream=self.stream)
 
     def allocate_config(self, method: Method, sparsity: float) -> AllocateConfig:
         return AllocateConfig(sparsity=sparsity, allocator=method.allocator, ridge=method.ridge,
@@ -136,7 +140,7 @@ class PipelineConfig(StageConfig):
 
     def perplexity_config(self) -> PerplexityConfig:
         return PerplexityConfig.build(ppl_tokens=self.eval_tokens, seq_len=self.eval_seq_len,
-                                      device=self.device, seed=self.seed)
+                                      device=self.device, seed=self.seed, stream=self.stream)
 
     def choice_config(self) -> Optional[ChoiceConfig]:
         """None when there are no mc_tasks (the flow then runs no choice stage)."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from gprune.maths.capture import ActivationCapture, CaptureResult, non_finite_error
 from gprune.maths.gram import LEAF, GramCapture, GramResult, NonFiniteGramError, non_finite_message
-from gprune.maths.hooked import JointPass, feed_batches
+from gprune.maths.hooked import HookedPass, JointPass, feed_batches
 from gprune.models.adapters import FamilyAdapter
 
 
@@ -32,3 +32,32 @@ def capture_with_grams(model: nn.Module, adapter: FamilyAdapter, input_ids: torc
                      f"capture+gram {label}".strip(), progress,
                      lambda layer, what: errors[joint.failed](layer, what))
     return capture.result(), GramResult(grams, grams.tokens)
+
+
+def streamed_statistics(source, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        batch_size: int, tau_act: float = 0.5, label: str = "",
+                        capture: bool = True, grams: bool = False, leaf: int = LEAF,
+                        spill_bytes: int | None = None
+                        ) -> tuple[CaptureResult | None, GramResult | None]:
+    """``capture_statistics`` (``capture``), ``accumulate_grams`` (``grams``) or both, layer
+    streamed (``gprune.maths.streaming``; ``source``: a ``StreamedModel``): equal results,
+    the same errors. Each finished layer's Grams go to a file (``GramCapture.spill``)."""
+    from gprune.maths.streaming import stream_pass
+
+    parts: list[HookedPass] = []
+    errors = []
+    if capture:
+        parts.append(ActivationCapture(source.model, source.adapter, tau_act,
+                                       device=source.device))
+        errors.append(non_finite_error(label))
+    if grams:
+        parts.append(GramCapture(source.model, source.adapter, leaf, device=source.device))
+        errors.append(lambda layer, kind: NonFiniteGramError(
+            non_finite_message(layer, kind, label)))
+    joint = JointPass(parts)
+    gram_part = parts[-1] if grams else None
+    after = gram_part.spill if gram_part is not None else None
+    stream_pass(source, joint, input_ids, attention_mask, batch_size,
+                lambda layer, what: errors[joint.failed](layer, what), spill_bytes, after)
+    return (parts[0].result() if capture else None,
+            GramResult(gram_part, gram_part.tokens) if gram_part is not None else None)

@@ -48,8 +48,9 @@ class NonFiniteActivationError(GpruneError):
 class ActivationCapture(HookedPass):
     """Context manager: hooks in place inside ``with``; feed batches with ``forward``."""
 
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, tau_act: float = 0.5):
-        device = next(model.parameters()).device
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, tau_act: float = 0.5,
+                 device: torch.device | None = None):
+        device = device or next(model.parameters()).device   # given: a weightless skeleton
         super().__init__(model, device)
         self.adapter = adapter
         self.layers = adapter.decoder_layers(model)

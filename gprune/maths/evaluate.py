@@ -41,14 +41,22 @@ def window_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
         ids = input_ids[start:start + batch_size].to(device)
         mask = attention_mask[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        targets = ids[:, 1:]
-        valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                              targets.reshape(-1), reduction="none").view(targets.shape)
-        sums.append((nll.double() * valid).sum(dim=1).cpu())
-        counts.append(valid.sum(dim=1).cpu())
+        total, count = batch_nll(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        sums.append(total)
+        counts.append(count)
     return torch.cat(sums), torch.cat(counts).long()
+
+
+def batch_nll(logits: torch.Tensor, ids: torch.Tensor,
+              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T, V), ids and mask (B, T) -> per-window NLL sums (B,) float64 and scored
+    counts (B,) on the host (see the module docstring for which tokens count)."""
+    logits = logits[:, :-1]                                                   # (B, T-1, V)
+    targets = ids[:, 1:]                                                      # (B, T-1)
+    valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                          targets.reshape(-1), reduction="none").view(targets.shape)
+    return (nll.double() * valid).sum(dim=1).cpu(), valid.sum(dim=1).cpu()
 
 
 def perplexity_from_nll(nll_sums: torch.Tensor, counts: torch.Tensor) -> Perplexity:

@@ -22,13 +22,20 @@ Hooks are registered in ``__enter__`` and always removed in ``__exit__``. A NaN/
 input shows on the Gram's diagonal (checked per batch, O(d)); off-diagonal entries are then
 finite by Cauchy-Schwarz.
 
+A layer-streamed pass (``gprune.maths.calibrate.streamed_statistics``) writes each finished
+layer's Grams to a float64 file (``GramCapture.spill``) and frees them, so only one layer's
+accumulators are ever in memory.
+
 Cost per source: ``gram_bytes`` = 8 * sum over layers of (d_mlp+1)^2 + (d_attn+1)^2 bytes
 in memory (float64); 4 bytes per entry on disk in float32.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,7 +88,17 @@ class GramSum:
     def __init__(self, width: int, device: torch.device, leaf: int = LEAF):
         self.width = width                                                  # d
         self.leaf = leaf
-        self._acc = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
+        self.device = device
+        self._zeros: torch.Tensor | None = None   # allocated at the first update
+
+    @property
+    def _acc(self) -> torch.Tensor:
+        """The (d+1, d+1) float64 accumulator (a streamed pass allocates one layer's at a
+        time: a layer's Grams exist from its first update on)."""
+        if self._zeros is None:
+            self._zeros = torch.zeros(self.width + 1, self.width + 1, dtype=torch.float64,
+                                      device=self.device)
+        return self._zeros
 
     def add(self, block: torch.Tensor) -> None:
         """block (m, d+1) float64, last column 1: G += block^T block (upper triangle)."""
@@ -89,11 +106,37 @@ class GramSum:
 
     def diagonal_finite(self) -> torch.Tensor:
         """0-dim bool: every diagonal entry finite (NaN/inf in any input shows there)."""
-        return torch.isfinite(torch.diagonal(self._acc)).all()
+        if self._zeros is None:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.diagonal(self._zeros)).all()
 
     def matrix(self) -> torch.Tensor:
         """The symmetric (d+1, d+1) float64 Gram (a new tensor)."""
         return torch.triu(self._acc) + torch.triu(self._acc, 1).T              # (d+1, d+1)
+
+
+class SpilledGram:
+    """A finished layer's symmetric Gram in a float64 file (streamed passes keep none in
+    memory); same reading interface as ``GramSum``. Written under a temporary name, then
+    renamed."""
+
+    def __init__(self, gram: GramSum, path: Path):
+        from safetensors.torch import save_file
+
+        self.width = gram.width
+        self._finite = bool(gram.diagonal_finite())
+        save_file({"gram": gram.matrix().cpu().contiguous()}, str(path.with_suffix(".part")))
+        path.with_suffix(".part").replace(path)
+        self.path = path
+        gram._zeros = None   # its hook still holds ``gram``: free the accumulator itself
+
+    def diagonal_finite(self) -> torch.Tensor:
+        return torch.tensor(self._finite)
+
+    def matrix(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path))["gram"]                               # (d+1, d+1)
 
 
 class GramCapture(HookedPass):
@@ -103,8 +146,8 @@ class GramCapture(HookedPass):
     """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, leaf: int = LEAF,
-                 chunk_elements: int | None = None):
-        super().__init__(model, next(model.parameters()).device)
+                 chunk_elements: int | None = None, device: torch.device | None = None):
+        super().__init__(model, device or next(model.parameters()).device)
         self.layers = adapter.decoder_layers(model)
         self.leaf = leaf
         self.chunk_elements = chunk_elements or default_chunk_elements(self.device)
@@ -113,6 +156,7 @@ class GramCapture(HookedPass):
         self.sums = {kind: [GramSum(m.in_features, self.device, leaf) for m in modules]
                      for kind, modules in self.modules.items()}
         self._blocks: dict[int, torch.Tensor] = {}   # width d -> reused (rows, d+1) block
+        self._spill_dir: tempfile.TemporaryDirectory | None = None
 
     def _register(self) -> None:
         for kind in KINDS:
@@ -146,9 +190,19 @@ class GramCapture(HookedPass):
     def first_non_finite(self) -> tuple[int, str] | None:
         """(layer, kind) of the first Gram with a NaN/inf, in forward order; None if none."""
         checks = [(i, kind) for i in range(len(self.layers)) for kind in ("attn", "mlp")]
-        finite = torch.stack([self.sums[kind][i].diagonal_finite()
+        finite = torch.stack([self.sums[kind][i].diagonal_finite().to(self.device)
                               for i, kind in checks]).cpu().tolist()   # one host sync
         return next((where for where, ok in zip(checks, finite) if not ok), None)
+
+    def spill(self, layer: int) -> None:
+        """Write one layer's Grams to float64 files in a private temporary folder (removed
+        with this object) and free their accumulators (streamed passes, after the layer)."""
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.TemporaryDirectory(
+                prefix="gprune-grams-", dir=os.environ.get("GPRUNE_STREAM_SPILL_DIR"))
+        for kind in KINDS:
+            path = Path(self._spill_dir.name) / f"layer_{layer:04d}_{kind}.safetensors"
+            self.sums[kind][layer] = SpilledGram(self.sums[kind][layer], path)
 
     def matrices(self, layer: int) -> dict[str, torch.Tensor]:
         """{"mlp": (d_mlp+1, d_mlp+1), "attn": (d_attn+1, d_attn+1)} float64 of one layer."""

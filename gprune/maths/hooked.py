@@ -64,20 +64,15 @@ class HookedPass:
         if not self._handles:
             raise RuntimeError(f"{type(self).__name__}.forward needs the hooks: use it "
                                "inside `with`")
-        mask = attention_mask.to(device=self.device, dtype=torch.bool)        # (B, T)
-        if not bool(mask.any()):
+        trimmed = trim_batch(input_ids, attention_mask, self.device)
+        if trimmed is None:
             return 0
-        # trailing all-padding columns cannot influence earlier tokens of a causal model
-        width = int(mask.any(0).nonzero().max()) + 1
-        mask = mask[:, :width]
-        flat = mask.reshape(-1)                                               # (B*T,)
-        self._feed(None if bool(flat.all()) else flat.nonzero().squeeze(1))   # (n,)
+        ids, mask, rows, added = trimmed
+        self._feed(rows)
         try:
-            self.model.base_model(input_ids=input_ids[:, :width].to(self.device),
-                                  attention_mask=mask.long(), use_cache=False)
+            self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         finally:
             self._stop_feeding()
-        added = int(flat.sum())
         self._count(added)
         return added
 
@@ -93,6 +88,22 @@ class HookedPass:
 
     def _count(self, tokens: int) -> None:
         self.tokens += tokens
+
+
+def trim_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device
+               ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]]:
+    """A batch (B, T) as the passes run it: (input_ids (B, W), attention_mask (B, W) long,
+    flat indices of the real tokens (None: all real), real tokens), on ``device``, with the
+    trailing all-padding columns cut off (a causal model's earlier tokens cannot see them);
+    None when the batch has no real token."""
+    mask = attention_mask.to(device=device, dtype=torch.bool)                 # (B, T)
+    if not bool(mask.any()):
+        return None
+    width = int(mask.any(0).nonzero().max()) + 1
+    mask = mask[:, :width]
+    flat = mask.reshape(-1)                                                   # (B*W,)
+    rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)            # (n,)
+    return input_ids[:, :width].to(device), mask.long(), rows, int(flat.sum())
 
 
 class JointPass(HookedPass):

@@ -90,15 +90,23 @@ def fingerprint(path: Path) -> str:
 def load_model(ref: ModelRef | str | Path, device: str = "cpu",
                dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, adapter) in eval mode. Pruned checkpoints load too."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = ref.path if isinstance(ref, ModelRef) else _local_folder(str(ref))
     with MODEL_LOAD_LOCK:  # from_pretrained's meta-device init patches torch globally: not thread-safe
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    return model.to(device).eval(), load_tokenizer(path), adapter_for(model.config)
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer; padding with the end-of-sequence token when it has no pad."""
+    from transformers import AutoTokenizer
+
+    with MODEL_LOAD_LOCK:
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer, adapter_for(model.config)
+    return tokenizer
 
 
 def resolve_device(device: str = "auto") -> str:
