@@ -369,7 +369,7 @@ def test_tiny_gemma3_every_method_end_to_end(prefect_api, tmp_path):
     from gprune.methods.registry import BUILTINS, build_method
 
     gisp = "gisp:steps=2,sequences=2,seq_len=32"
-    methods = [gisp if name == "gisp" else name for name in BUILTINS]
+    methods = [gisp if name == "gisp" else name for name in (*BUILTINS, "fang")]
     result, _ = run_flow(tmp_path / "store", model="tiny:gemma3", methods=methods,
                          sparsities=[0.3], eval_seq_len=32)
     labels = sorted(f"{build_method(m).label}@0.3" for m in methods)
