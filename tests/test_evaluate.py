@@ -92,6 +92,24 @@ def test_window_nll_matches_direct_and_ignores_padding(tiny):
     assert again.tolist() == pytest.approx(sums.tolist(), rel=1e-5)
 
 
+def test_large_vocabularies_take_fewer_windows_per_pass(tiny, monkeypatch):
+    assert em.windows_per_pass(4, 512, 49152) == 4                # SmolLM2: unchanged
+    assert em.windows_per_pass(4, 512, 262144) == 2               # Gemma 3: 1 GiB of logits
+    assert em.windows_per_pass(4, 4096, 262144) == 1
+    model, _, _ = tiny
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    whole, _ = em.window_nll(model, ids, mask, batch_size=3)
+    monkeypatch.setattr(em, "LOGITS_BUDGET", 20 * 260)           # one window per pass
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        one, _ = em.window_nll(model, ids, mask, batch_size=3)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and one.tolist() == pytest.approx(whole.tolist(), rel=1e-6)
+
+
 def test_stage_perplexity_equals_direct_computation(store, corpus_key, tiny, caplog):
     model, tokenizer, adapter = tiny
     with caplog.at_level(logging.INFO, logger="gprune"):

@@ -357,3 +357,37 @@ def test_gisp_one_trajectory_serves_both_targets_and_reconstructions(prefect_api
         kept[name] = {(l.layer, u) for l in plan.layers for u in l.mlp_keep}
     assert kept[f"{label}@0.3"] <= kept[f"{label}@0.2"] != kept[f"{label}@0.3"]
     assert kept[f"{label}@0.3"] == kept[f"{refit}@0.3"]
+
+
+def test_tiny_gemma3_every_method_end_to_end(prefect_api, tmp_path):
+    """Gemma 3's shape (4 query heads on 1 KV head, sliding-window and full layers, tied
+    embeddings) through every built-in method: each checkpoint reloads with remote code
+    and generates greedily with its cache, and the report lists every method."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gprune.methods.registry import BUILTINS, build_method
+
+    gisp = "gisp:steps=2,sequences=2,seq_len=32"
+    methods = [gisp if name == "gisp" else name for name in (*BUILTINS, "fang")]
+    result, _ = run_flow(tmp_path / "store", model="tiny:gemma3", methods=methods,
+                         sparsities=[0.3], eval_seq_len=32)
+    labels = sorted(f"{build_method(m).label}@0.3" for m in methods)
+    assert sorted(result["checkpoints"]) == labels
+    assert sorted(result["evals"]) == sorted(["dense", *labels])
+    store = ArtifactStore(tmp_path / "store")
+    report = (store.path(result["report"]) / "report.md").read_text()
+    prompt = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119, 111, 114]])  # > window
+    for name, key in result["checkpoints"].items():
+        folder = store.path(key) / "model"
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        config = model.config
+        assert config.num_key_value_heads == 1 and config.tie_word_embeddings
+        assert all(layer["num_kv_heads"] in (0, 1) for layer in config.gprune_layers)
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                 pad_token_id=258)
+            full = model(out).logits[0, prompt.shape[1] - 1:-1].argmax(-1)
+        assert out.shape == (1, 16)
+        assert torch.equal(full, out[0, prompt.shape[1]:]), name  # cache == no cache
+        assert name.split("@")[0] in report

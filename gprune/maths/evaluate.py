@@ -31,11 +31,25 @@ class Perplexity:
     windows: int
 
 
+LOGITS_BUDGET = 2**28   # logits elements per forward pass (1 GiB float32)
+
+
+def windows_per_pass(batch_size: int, seq_len: int, vocab: int) -> int:
+    """``batch_size`` capped so one pass's (windows, seq_len, vocab) logits fit
+    ``LOGITS_BUDGET`` elements: a 262k vocabulary (Gemma 3) at 512 tokens takes 2 windows."""
+    return max(1, min(batch_size, LOGITS_BUDGET // max(1, seq_len * vocab)))
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                batch_size: int = 4, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window summed next-token NLL (float64) and scored-token counts (int64)."""
+    """Per-window summed next-token NLL (float64) and scored-token counts (int64).
+
+    Windows go ``batch_size`` per pass, fewer where the logits would pass
+    ``LOGITS_BUDGET``; the NLL is taken window by window (no flattened logits copy)."""
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = windows_per_pass(batch_size, input_ids.shape[1], vocab)
     sums, counts = [], []
     starts = range(0, input_ids.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
@@ -50,12 +64,12 @@ def window_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 def batch_nll(logits: torch.Tensor, ids: torch.Tensor,
               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, T, V), ids and mask (B, T) -> per-window NLL sums (B,) float64 and scored
-    counts (B,) on the host (see the module docstring for which tokens count)."""
-    logits = logits[:, :-1]                                                   # (B, T-1, V)
+    counts (B,) on the host (see the module docstring for which tokens count); window by
+    window (no flattened copy of the logits)."""
     targets = ids[:, 1:]                                                      # (B, T-1)
     valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                          targets.reshape(-1), reduction="none").view(targets.shape)
+    nll = torch.stack([F.cross_entropy(logits[i, :-1].float(), targets[i], reduction="none")
+                       for i in range(len(ids))])                             # (B, T-1)
     return (nll.double() * valid).sum(dim=1).cpu(), valid.sum(dim=1).cpu()
 
 

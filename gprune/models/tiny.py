@@ -25,8 +25,12 @@ TINY_CONFIGS: dict[str, dict] = {
     "mistral": dict(model_type="mistral", sliding_window=None, **_COMMON),
     "qwen2": dict(model_type="qwen2", **_COMMON),  # q/k/v carry biases
     "qwen3": dict(model_type="qwen3", head_dim=16, **_COMMON),
-    "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=16,
-                   query_pre_attn_scalar=16, **_COMMON),
+    # Gemma 3's shape: 4 query heads on 1 KV head, sliding-window and full-attention
+    # layers (a window shorter than the tests' sequences), tied embeddings
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   query_pre_attn_scalar=16,
+                   **{**_COMMON, "num_key_value_heads": 1, "tie_word_embeddings": True}),
     "starcoder2": dict(model_type="starcoder2", use_bias=True, **_COMMON),
 }
 assert set(TINY_CONFIGS) == set(ADAPTERS), "every adapter needs a tiny config"
