@@ -85,7 +85,7 @@ def child(args: argparse.Namespace) -> dict:
         capture, grams = capture_with_grams(model, adapter, ids, mask, args.batch,
                                             progress=False)
     else:
-        streamed = StreamedModel(ref.path, device)
+        streamed = StreamedModel(ref.path, device, head=False)   # as the capture stage
         loaded = time.perf_counter()
         capture, grams = streamed_statistics(streamed, ids, mask, args.batch, grams=True)
         out.update(layers=len(streamed.layers), layer_bytes=streamed.layer_bytes(0),

@@ -77,7 +77,8 @@ def run_capture(config: CaptureConfig, store: ArtifactStore, model: str, corpus_
         texts = read_split(store, corpus_key, "calibration")
         device = resolve_device(config.device)
         dense, tokenizer, adapter, streamed = open_model(
-            ref.path, device, config.stream, config.batch_size * config.seq_len)
+            ref.path, device, config.stream, config.batch_size * config.seq_len,
+            head=False)   # calibration needs no logits: no full token embedding either
         input_ids, attention_mask = sample_sequences(texts, tokenizer, config.n_sequences,
                                                      config.seq_len, config.seed)
         tokens = check_token_count(int(attention_mask.sum()), config)

@@ -64,7 +64,8 @@ def run_gram(config: GramConfig, store: ArtifactStore, model: str, corpus_key: s
     def build(out) -> None:
         device = resolve_device(config.device)
         dense, tokenizer, adapter, streamed = open_model(
-            ref.path, device, config.stream, config.batch_size * config.seq_len)
+            ref.path, device, config.stream, config.batch_size * config.seq_len,
+            head=False)   # calibration needs no logits: no full token embedding either
         input_ids, attention_mask, tokens = calibration_tokens(store, corpus_key, tokenizer,
                                                                config)
         log.info("gram %s: %s%s", config.source,

@@ -225,7 +225,9 @@ def record_calibration(source, input_ids: torch.Tensor, attention_mask: torch.Te
         if trimmed is None:
             continue
         ids, mask, rows, added = trimmed
-        calls = record_batch(source, ids, mask, store, len(batches))
+        rows_of = getattr(source, "token_rows", None)       # only the batch's embedding rows
+        with rows_of(ids) if rows_of else contextlib.nullcontext(ids) as local_ids:
+            calls = record_batch(source, local_ids, mask, store, len(batches))
         batches.append(StreamBatch(calls, rows, ids, mask))
         tokens += added
     return batches, tokens

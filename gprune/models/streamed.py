@@ -19,11 +19,13 @@ not fit even that is refused in one line with the sizes.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -97,6 +99,23 @@ class WeightIndex:
         tensor = torch.frombuffer(data, dtype=_DTYPES[kind]).reshape(shape)
         return tensor.to(device=device, dtype=dtype)
 
+    def rows(self, name: str, index: torch.Tensor, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index`` (k,) of the 2-D tensor ``name``, (k, width): one read per row."""
+        if name not in self.entries:
+            raise StreamingError(f"the model's .safetensors files have no tensor {name!r}; "
+                                 "is the folder a complete HF checkpoint?")
+        file, kind, shape, offset, size = self.entries[name]
+        row_bytes = size // shape[0]
+        data = bytearray(row_bytes * len(index))
+        view = memoryview(data)
+        with file.open("rb", buffering=0) as handle:
+            for i, row in enumerate(index.tolist()):
+                handle.seek(offset + row * row_bytes)
+                handle.readinto(view[i * row_bytes:(i + 1) * row_bytes])
+        table = torch.frombuffer(data, dtype=_DTYPES[kind]).reshape(len(index), shape[1])
+        return table.to(device=device, dtype=dtype)                           # (k, width)
+
 
 def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor, buffer: bool) -> None:
     owner_name, _, leaf = dotted.rpartition(".")
@@ -111,7 +130,7 @@ class StreamedModel:
     """A weightless model skeleton on ``device`` with decoder layers loaded on demand."""
 
     def __init__(self, path: Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, head: bool = True):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -128,6 +147,12 @@ class StreamedModel:
         names = {id(module): name for name, module in model.named_modules()}
         self.prefixes = [names[id(layer)] + "." for layer in self.layers]
         self._meta = [dict(layer.named_parameters()) for layer in self.layers]
+        # head=False (calibration: no logits needed): the token embedding (and a head tied
+        # to it) stays on meta; ``token_rows`` reads only the rows a batch uses
+        embed = model.get_input_embeddings().weight
+        self.embed_name = next((name for name, p in model.named_parameters(
+            remove_duplicate=False) if p is embed and name in self.index), None)
+        self.head = head or self.embed_name is None
         self._materialize_rest()
 
     def _in_layer(self, name: str) -> bool:
@@ -137,19 +162,40 @@ class StreamedModel:
         """Non-layer parameters from the files (a tied head shares the embedding), and
         every buffer, on the device."""
         model = self.model
+        lazy = set() if self.head else {id(model.get_input_embeddings().weight)}
+        if not self.head and model.get_output_embeddings() is not None:
+            lazy.add(id(model.get_output_embeddings().weight))
         for name, param in list(model.named_parameters(remove_duplicate=False)):
-            if self._in_layer(name) or not param.is_meta:
+            if self._in_layer(name) or not param.is_meta or id(param) in lazy:
                 continue
             if name not in self.index and model.config.get_text_config().tie_word_embeddings:
                 continue   # the tied head: set below
             _set_tensor(model, name, self.index.get(name, self.device, self.dtype), False)
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-        if head is not None and head.weight.is_meta:
+        if self.head and head is not None and head.weight.is_meta:
             head.weight = embed.weight
         for name, buffer in list(model.named_buffers()):
             if name in self.index:
                 buffer = self.index.get(name, self.device, buffer.dtype)
             _set_tensor(model, name, buffer.to(self.device), True)
+
+    @contextlib.contextmanager
+    def token_rows(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Inside ``with``: ids (B, T) renumbered into a token embedding that holds only
+        their rows (read from the files); without ``head`` the full table is never loaded."""
+        if self.head:
+            yield input_ids
+            return
+        embed = self.model.get_input_embeddings()
+        meta, padding = embed.weight, getattr(embed, "padding_idx", None)
+        embed.padding_idx = None     # renumbered rows; it only shapes gradients anyway
+        used, local = torch.unique(input_ids, return_inverse=True)                  # (k,), (B, T)
+        embed.weight = nn.Parameter(self.index.rows(self.embed_name, used.cpu(), self.device,
+                                                    self.dtype), requires_grad=False)
+        try:
+            yield local.to(input_ids.device)
+        finally:
+            embed.weight, embed.padding_idx = meta, padding
 
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer ``index`` with its weights read from the files onto the device."""
@@ -249,7 +295,8 @@ def _gb(count: int) -> str:
     return f"{count / 1e9:.3g} GB"
 
 
-def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int):
+def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int,
+               head: bool = True):
     """(model, tokenizer, adapter, streamed) for a pass over batches of ``batch_tokens``:
     the model loaded whole (``streamed`` None), or, when ``mode`` says to stream, the
     skeleton of a ``StreamedModel`` that fits one layer at a time (else a one-line error)."""
@@ -258,7 +305,7 @@ def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int):
     if not should_stream(mode, path, device):
         model, tokenizer, adapter = load_model(path, device)
         return model, tokenizer, adapter, None
-    streamed = StreamedModel(path, device)
+    streamed = StreamedModel(path, device, head=head)
     check_fits(streamed, batch_tokens, device)
     log.info("layer-streamed on %s (stream=%s): %s of float32 weights, %s free", device, mode,
              _gb(model_weight_bytes(path)), _gb(available_bytes(device)))
