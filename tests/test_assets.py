@@ -128,3 +128,13 @@ def test_gemma3_is_embedded_from_four_part_wheels():
     gemma = assets.EMBEDDED["gemma3"]
     assert len(gemma.parts) == 4 and len(gemma.sha256) == 64
     assert [p.member[-6:] for p in gemma.parts] == ["part00", "part01", "part02", "part03"]
+
+
+def test_a_changed_tiny_config_is_a_new_cached_folder(monkeypatch):
+    from gprune.models import tiny
+
+    before = tiny.tiny_folder_name("gemma3")
+    assert before.startswith("tiny-gemma3-") and before == tiny.tiny_folder_name("gemma3")
+    monkeypatch.setitem(tiny.TINY_CONFIGS, "gemma3",
+                        {**tiny.TINY_CONFIGS["gemma3"], "num_key_value_heads": 2})
+    assert tiny.tiny_folder_name("gemma3") != before     # never the stale model of the old spec

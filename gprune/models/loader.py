@@ -51,11 +51,11 @@ def resolve_model(spec: str) -> ModelRef:
 
 def _local_folder(spec: str) -> Path:
     from gprune.models import assets
-    from gprune.models.tiny import save_tiny_model
+    from gprune.models.tiny import save_tiny_model, tiny_folder_name
 
     if spec.startswith("tiny:"):
         family = spec.split(":", 1)[1]
-        return save_tiny_model(family, cache_dir() / "models" / f"tiny-{family}")
+        return save_tiny_model(family, cache_dir() / "models" / tiny_folder_name(family))
     if spec in assets.EMBEDDED:
         return assets.embedded_model(spec)
     candidate = Path(spec).expanduser()

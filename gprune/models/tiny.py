@@ -6,6 +6,8 @@ tokenizer), so tiny models go through exactly the same loading path as real ones
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -69,6 +71,13 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_folder_name(family: str) -> str:
+    """``tiny-<family>-<digest of its config>``: a changed tiny config is a new folder, never
+    a stale cached model under the old name."""
+    spec = json.dumps(TINY_CONFIGS.get(family, {}), sort_keys=True, default=str)
+    return f"tiny-{family}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
 def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
