@@ -35,10 +35,10 @@ def _capture_pass(p):
     _stream(p)
 
 
-def _stream(p):
+def _stream(p, config_cls=None):
     from gprune.configs.capture import CalibrationPass
 
-    field = CalibrationPass.model_fields["stream"]
+    field = (config_cls or CalibrationPass).model_fields["stream"]
     p.add_argument("--stream", choices=["auto", "on", "off"], default=field.default,
                    help=field.description)
 
@@ -102,6 +102,9 @@ def _allocate(p):
     p.add_argument("--path", help="path key (allocators that read a learned path)")
     p.add_argument("--gram", nargs="+", help="gram keys, one per calibration source "
                                              "(methods with kl_check; see `gprune stage gram`)")
+    from gprune.configs.allocate import AllocateConfig
+
+    _stream(p, AllocateConfig)
     _method(p, "; its allocator, reconstruction and label are used")
 
 
@@ -282,7 +285,7 @@ def _allocate_config(args, sparsity: float):
                                   steps=args.steps,
                                   ridge=method.ridge, kl_check=method.kl_check,
                                   allocator_params=method.allocator_params(),
-                                  device=args.device)
+                                  device=args.device, stream=getattr(args, "stream", "auto"))
     return method, config
 
 

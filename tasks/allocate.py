@@ -117,7 +117,8 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     from gprune.maths.allocate import uniform_fractions
     from gprune.maths.plan_check import calibration_kls, choose_plan, pruned_copies
     from gprune.maths.surgery import lsq_fits
-    from tasks.learning import check_inputs
+    from gprune.maths.streamed_check import streamed_kls
+    from tasks.learning import check_inputs, streamed_check_inputs
     from tasks.path import gram_reader
 
     try:
@@ -127,10 +128,17 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     except (ConfigError, ValueError) as err:     # the target needs heads removed
         extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
         return plan
-    dense, adapter, batches, teacher = check_inputs(config.check_config(), store, stats)
     fits = lsq_fits(gram_reader(store, gram_keys, remember=2), config.ridge, [])
-    chosen, record = choose_plan(plan, reference, lambda plans: calibration_kls(
-        dense, pruned_copies(dense, adapter, plans, fits), batches, teacher))
+    streamed = streamed_check_inputs(config.check_config(), store, stats)
+    if streamed is not None:                   # one decoder layer on the device at a time
+        source, batches = streamed
+        chosen, record = choose_plan(plan, reference, lambda plans: streamed_kls(
+            source, plans, fits, batches))
+    else:
+        dense, adapter, batches, teacher = check_inputs(config.check_config(), store, stats)
+        chosen, record = choose_plan(plan, reference, lambda plans: calibration_kls(
+            dense, pruned_copies(dense, adapter, plans, fits), batches, teacher))
+    record["streamed"] = streamed is not None
     log.info("allocate %s at %.2f: KL to dense %.4f (plan) vs %.4f (uniform MLP-only): "
              "kept the %s", method, config.sparsity, record["candidate"], record["reference"],
              "plan" if record["chosen"] == "candidate" else "uniform MLP-only plan")

@@ -49,6 +49,22 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     return model, adapter, batches, teacher
 
 
+def streamed_check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
+    """(``StreamedModel`` of the dense model, kl_check batches) when ``config.stream``
+    decides to stream it (a one-line error when even one layer does not fit), else None."""
+    from pathlib import Path
+
+    from gprune.models.loader import load_tokenizer, resolve_device
+    from gprune.models.streamed import StreamedModel, check_fits, should_stream
+
+    device, path = resolve_device(config.device), Path(stats.extra["model_path"])
+    if not should_stream(config.stream, path, device):
+        return None
+    source = StreamedModel(path, device)
+    check_fits(source, config.batch_size * config.seq_len, device)
+    return source, calibration_batches(store, stats, load_tokenizer(path), config)
+
+
 def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,
                         config: AllocateConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Mixed-source calibration tokens: equal shares of every source behind the stats."""

@@ -143,6 +143,10 @@ def test_the_pipeline_passes_stream_to_capture_gram_and_perplexity():
     assert capture.stream == "on" and GramConfig.from_capture(capture).stream == "on"
     assert config.perplexity_config().stream == "on"
     assert "stream" not in capture.params() and "stream" not in config.perplexity_config().params()
+    from gprune.methods.registry import build_method
+
+    allocate = config.allocate_config(build_method("gprune"), 0.3)
+    assert allocate.stream == "on" and "stream" not in allocate.key_params()
 
 
 def cli_capture(root, corpus_path, model, capsys, *extra) -> tuple[int, str]:
@@ -219,20 +223,24 @@ def test_perplexity_stage_streamed_equals_in_memory(corpus, tmp_path):
 
 
 def test_plans_from_streamed_captures_equal_in_memory(tmp_path):
-    """capture (stream on / off) -> stats -> partition -> score -> allocate: equal plans."""
+    """capture and gram (stream on / off) -> stats -> partition -> score -> allocate, also
+    with the allocate stage's KL check streamed: equal plans and equal KLs."""
     from artifacts.store import ArtifactStore
+    from gprune.configs.allocate import AllocateConfig
     from gprune.configs.stats import StatsConfig
     from gprune.maths.plan import PruningPlan
     from gprune.methods.registry import build_method
+    from tasks.allocate import run_allocate
     from tasks.capture import run_capture
     from tasks.corpus import run_corpus
+    from tasks.gram import run_gram
     from tasks.stats import run_stats
     from tests.test_stage_chain import TEXTS, plan_for
 
-    plans = {}
+    plans, checks = {}, {}
     for stream in ("off", "on"):
         store = ArtifactStore(tmp_path / stream)
-        captures = []
+        captures, grams = [], []
         for name, text in TEXTS.items():
             path = tmp_path / f"{name}.txt"
             path.write_text("".join(f"{text.strip()} ({i})\n\n" for i in range(60)))
@@ -240,7 +248,52 @@ def test_plans_from_streamed_captures_equal_in_memory(tmp_path):
             config = CaptureConfig(source=name, n_sequences=4, seq_len=48, batch_size=2,
                                    device="cpu", stream=stream)
             captures.append(run_capture(config, store, "tiny:qwen2", corpus))
+            grams.append(run_gram(GramConfig.from_capture(config), store, "tiny:qwen2", corpus))
         stats = run_stats(StatsConfig(), store, captures)
         key = plan_for(store, stats, build_method("gprune"), 0.3)
         plans[stream] = PruningPlan.read(store.read(key).path).layers
+        plan = store.read(key)
+        checked = run_allocate(
+            AllocateConfig(sparsity=0.4, allocator="uniform", prune_attention=True,
+                           kl_check=True, check_sequences=2, check_seq_len=32, device="cpu",
+                           stream=stream),
+            store, plan.manifest["inputs"]["score"], stats, method="gprune",
+            reconstruct="lsq", gram_keys=grams)
+        checks[stream] = store.read(checked).extra["kl_check"]
     assert plans["on"] == plans["off"]
+    assert checks["on"]["streamed"] and not checks["off"]["streamed"]
+    assert checks["on"]["chosen"] == checks["off"]["chosen"]
+    for side in ("candidate", "reference"):
+        assert checks["on"][side] == pytest.approx(checks["off"][side], rel=1e-5)
+        assert checks["on"][side] > 0
+
+
+def test_streamed_kl_check_equals_in_memory(family):
+    """The allocate stage's KL check streamed: both plans (one removes a layer's attention
+    entirely) with the lsq refit give the in-memory KLs."""
+    import functools
+
+    from gprune.maths.plan_check import calibration_kls, pruned_copies
+    from gprune.maths.streamed_check import streamed_kls
+    from gprune.maths.surgery import lsq_fits
+    from tests.test_surgery import random_plan
+
+    ref = resolve_model(f"tiny:{family}")
+    model, _, adapter = load_model(ref)
+    shape = adapter.shape(model.config)
+    plans = [random_plan(shape, "x", family, seed=s) for s in (1, 2)]
+    sizes = {"mlp": shape.intermediate, "attn": shape.heads * shape.head_dim}
+
+    @functools.lru_cache(maxsize=None)
+    def gram_of(layer, kind):                      # a synthetic normalized Gram, (d+1, d+1)
+        gen = torch.Generator().manual_seed(layer * 2 + (kind == "mlp"))
+        x = torch.cat([torch.randn(64, sizes[kind], generator=gen, dtype=torch.float64),
+                       torch.ones(64, 1, dtype=torch.float64)], 1)
+        return x.T @ x / 64
+
+    fits = lsq_fits(gram_of, 1e-3, [])
+    ids, mask = batch()
+    batches = [(ids[:3], mask[:3]), (ids[3:], mask[3:])]
+    want = calibration_kls(model, pruned_copies(model, adapter, plans, fits), batches)
+    got = streamed_kls(StreamedModel(ref.path), plans, fits, batches)
+    assert got == pytest.approx(want, rel=1e-5) and min(got) > 0

@@ -1,5 +1,5 @@
 """Config of the allocation stage: the only stage that depends on the target sparsity."""
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -45,6 +45,9 @@ class AllocateConfig(StageConfig):
                                    "of the path's and the plan's key when not empty")
     seed: int = 0
     device: str = "auto"
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="kl_check layer-streamed, one decoder layer's weights on the "
+        "device at a time (auto: when the model does not fit; docs/SCALE.md); not in the key")
 
     @model_validator(mode="after")
     def _temperatures(self):
@@ -74,7 +77,7 @@ class AllocateConfig(StageConfig):
     def key_params(self) -> dict:
         """Parameters that shape the plan (device does not; a path artifact carries its own)."""
         params = self.params()
-        for name in ("device", "path_grid", *(LEARN_FIELDS if self.allocator != "learned" else ())):
+        for name in ("device", "stream", "path_grid", *(LEARN_FIELDS if self.allocator != "learned" else ())):
             params.pop(name)
         if self.allocator == "learned":
             params["steps"] = self.learn_steps

@@ -270,13 +270,20 @@ def streamed_window_nll(source, input_ids: torch.Tensor, attention_mask: torch.T
         run_layers(source, batches, store)
         sums, counts = [], []
         for number, batch in enumerate(batches):
-            final = store.get(number).to(source.device)                       # (B, T, H)
-            with replaced_forwards(source.layers, lambda i: (
-                    (lambda *a, **k: final) if i == 0 else (lambda *a, **k: _split(a, k)[0]))):
-                logits = source.model(input_ids=batch.input_ids,
-                                      attention_mask=batch.attention_mask,
-                                      use_cache=False).logits                 # (B, T, V)
+            logits = head_logits(source, store.get(number), batch)             # (B, T, V)
             total, count = batch_nll(logits, batch.input_ids, batch.attention_mask)
             sums.append(total)
             counts.append(count)
     return torch.cat(sums), torch.cat(counts).long()
+
+
+@torch.inference_mode()
+def head_logits(source, final: torch.Tensor, batch: StreamBatch) -> torch.Tensor:
+    """The model's logits (B, T, V) from the last layer's output ``final`` (B, T, H): one
+    body run in which the first layer returns ``final`` and the others pass it through, so
+    the family's own final norm, head and any soft-capping apply."""
+    final = final.to(source.device)
+    with replaced_forwards(source.layers, lambda i: (
+            (lambda *a, **k: final) if i == 0 else (lambda *a, **k: _split(a, k)[0]))):
+        return source.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            use_cache=False).logits

@@ -71,18 +71,26 @@ def finalize(model: nn.Module, adapter: FamilyAdapter, sizes: list[dict]) -> nn.
     Sets per-layer KV repetition, swaps zero-head attention blocks for the empty block
     (keeping any output bias), records ``gprune_layers``/``auto_map`` in the config.
     """
-    module = modeling_module(adapter)
     hidden = model.config.hidden_size
     for idx, (layer, spec) in enumerate(zip(adapter.decoder_layers(model), sizes, strict=True)):
-        attn = adapter.attn_module(layer)
-        if spec["num_heads"] == 0:
-            _empty_attention(module, layer, idx, adapter, hidden, spec)
-        else:
-            module.set_head_counts(attn, spec["num_heads"], spec["num_kv_heads"])
+        finalize_layer(layer, idx, adapter, hidden, spec)
     model.config.gprune_layers = [dict(s) for s in sizes]
     model.config.auto_map = {"AutoModelForCausalLM": f"modeling_gprune.{class_name(adapter)}"}
     model.__class__ = pruned_class(adapter)   # adds no state: same modules, same params
     return model
+
+
+def finalize_layer(layer: nn.Module, idx: int, adapter: FamilyAdapter, hidden: int,
+                   spec: dict) -> nn.Module:
+    """One sliced decoder layer as the pruned class runs it: its attention's per-layer KV
+    repetition, or the empty block when it keeps no query head."""
+    module = modeling_module(adapter)
+    if spec["num_heads"] == 0:
+        _empty_attention(module, layer, idx, adapter, hidden, spec)
+    else:
+        module.set_head_counts(adapter.attn_module(layer), spec["num_heads"],
+                               spec["num_kv_heads"])
+    return layer
 
 
 def _empty_attention(module: ModuleType, layer: nn.Module, idx: int,
