@@ -55,13 +55,13 @@ def streamed_check_inputs(config: AllocateConfig, store: ArtifactStore, stats: A
     from pathlib import Path
 
     from gprune.models.loader import load_tokenizer, resolve_device
-    from gprune.models.streamed import StreamedModel, check_fits, should_stream
+    from gprune.models.streamed import streamed_source
 
-    device, path = resolve_device(config.device), Path(stats.extra["model_path"])
-    if not should_stream(config.stream, path, device):
+    path = Path(stats.extra["model_path"])
+    source = streamed_source(path, resolve_device(config.device), config.stream,
+                             config.batch_size * config.seq_len)
+    if source is None:
         return None
-    source = StreamedModel(path, device)
-    check_fits(source, config.batch_size * config.seq_len, device)
     return source, calibration_batches(store, stats, load_tokenizer(path), config)
 
 

@@ -40,11 +40,12 @@ def pruned_copies(dense: nn.Module, adapter: FamilyAdapter, plans: list[PruningP
     models = [copy.deepcopy(dense) for _ in plans]
     for model, plan in zip(models, plans):
         check_dense(model, adapter, plan)
+    layers = [adapter.decoder_layers(model) for model in models]
     sizes: list[list[dict]] = [[] for _ in plans]
     for index in range(adapter.shape(dense.config).num_layers):
-        for model, plan, layer_sizes in zip(models, plans, sizes):
-            layer = adapter.decoder_layers(model)[index]
-            layer_sizes.append(prune_layer(layer, adapter, plan.layers[index], plan.dense, fits))
+        for model_layers, plan, layer_sizes in zip(layers, plans, sizes):
+            layer_sizes.append(prune_layer(model_layers[index], adapter, plan.layers[index],
+                                           plan.dense, fits))
     return [finalize(model, adapter, layer_sizes) for model, layer_sizes in zip(models, sizes)]
 
 
@@ -78,30 +79,49 @@ def dense_teacher(dense: nn.Module, batches: Batches) -> Teacher:
     return Teacher(hidden)
 
 
+class KlMeans:
+    """Per student, the running token-weighted mean of KL(dense || student) over the
+    predicted tokens of the batches added (what both the in-memory and the streamed check
+    report)."""
+
+    def __init__(self, students: int):
+        self.totals, self.tokens = [0.0] * students, 0
+
+    def add(self, dense_logits: Callable[[], torch.Tensor],
+            student_logits: Callable[[int], torch.Tensor], attention_mask: torch.Tensor) -> None:
+        """One batch: ``dense_logits()`` and ``student_logits(i)`` give (B, T, V) logits,
+        called only when the batch has predicted tokens."""
+        predicted = attention_mask[:, 1:].float()                          # (B, T-1)
+        count = int(predicted.sum())
+        if not count:
+            return
+        log_p = torch.log_softmax(dense_logits()[:, :-1].float(), -1)      # (B, T-1, V)
+        for i in range(len(self.totals)):
+            logits = student_logits(i)[:, :-1]                             # (B, T-1, V)
+            self.totals[i] += float(kl_to_dense(logits, log_p, predicted)) * count
+        self.tokens += count
+
+    def means(self) -> list[float]:
+        if self.tokens == 0:
+            raise ValueError("no predicted tokens in the calibration batches")
+        return [total / self.tokens for total in self.totals]
+
+
 @torch.no_grad()
 def calibration_kls(dense: nn.Module, students: list[nn.Module], batches: Batches,
                     teacher: Teacher | None = None) -> list[float]:
     """Per student, the token-weighted mean KL(dense || student) over the predicted
     tokens of ``batches``; the dense side from ``teacher`` when it has hidden states."""
     device = next(dense.parameters()).device
-    totals, tokens = [0.0] * len(students), 0
+    head = dense.get_output_embeddings()
+    kls = KlMeans(len(students))
     for index, (input_ids, attention_mask) in enumerate(batches):
         ids, mask = input_ids.to(device), attention_mask.to(device)
-        dense_logits = (dense.get_output_embeddings()(teacher.hidden[index].to(device))
-                        if teacher is not None and teacher.hidden is not None
-                        else dense(input_ids=ids, attention_mask=mask).logits)   # (B, T, V)
-        log_p = torch.log_softmax(dense_logits[:, :-1].float(), -1)        # (B, T-1, V)
-        predicted = mask[:, 1:].float()                                    # (B, T-1)
-        count = int(predicted.sum())
-        if not count:
-            continue
-        for i, student in enumerate(students):
-            logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
-            totals[i] += float(kl_to_dense(logits, log_p, predicted)) * count
-        tokens += count
-    if tokens == 0:
-        raise ValueError("no predicted tokens in the calibration batches")
-    return [total / tokens for total in totals]
+        kls.add(lambda: (head(teacher.hidden[index].to(device))
+                         if teacher is not None and teacher.hidden is not None
+                         else dense(input_ids=ids, attention_mask=mask).logits),
+                lambda i: students[i](input_ids=ids, attention_mask=mask).logits, mask)
+    return kls.means()
 
 
 def calibration_kl(dense: nn.Module, student: nn.Module, batches: Batches) -> float:

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gprune.maths.learned import kl_to_dense
 from gprune.maths.plan import PruningPlan
+from gprune.maths.plan_check import KlMeans
 from gprune.maths.streaming import HiddenStore, StreamBatch, _run, head_logits, record_batch
 from gprune.maths.surgery import Fits, prune_layer
 from gprune.models.pruned import finalize_layer
@@ -67,18 +67,9 @@ def streamed_kls(source, plans: list[PruningPlan], fits: Fits | None, batches: B
 
 
 def _mean_kls(source, stores: list[HiddenStore], recorded: list[StreamBatch]) -> list[float]:
-    totals, tokens = [0.0] * (len(stores) - 1), 0
+    kls = KlMeans(len(stores) - 1)
     for number, batch in enumerate(recorded):
-        predicted = batch.attention_mask[:, 1:].float()                       # (B, T-1)
-        count = int(predicted.sum())
-        if not count:
-            continue
-        log_p = torch.log_softmax(head_logits(source, stores[0].get(number), batch)[:, :-1]
-                                  .float(), -1)                               # (B, T-1, V)
-        for i, store in enumerate(stores[1:]):
-            logits = head_logits(source, store.get(number), batch)[:, :-1]    # (B, T-1, V)
-            totals[i] += float(kl_to_dense(logits, log_p, predicted)) * count
-        tokens += count
-    if tokens == 0:
-        raise ValueError("no predicted tokens in the calibration batches")
-    return [total / tokens for total in totals]
+        kls.add(lambda: head_logits(source, stores[0].get(number), batch),
+                lambda i: head_logits(source, stores[i + 1].get(number), batch),
+                batch.attention_mask)
+    return kls.means()

@@ -295,18 +295,28 @@ def _gb(count: int) -> str:
     return f"{count / 1e9:.3g} GB"
 
 
-def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int,
-               head: bool = True):
-    """(model, tokenizer, adapter, streamed) for a pass over batches of ``batch_tokens``:
-    the model loaded whole (``streamed`` None), or, when ``mode`` says to stream, the
-    skeleton of a ``StreamedModel`` that fits one layer at a time (else a one-line error)."""
-    from gprune.models.loader import load_model, load_tokenizer
-
+def streamed_source(path: Path, device: str, mode: StreamMode, batch_tokens: int,
+                    head: bool = True) -> StreamedModel | None:
+    """A ``StreamedModel`` that fits one layer at a time (else a one-line error) when
+    ``mode`` says to stream the model at ``path``; None when it runs in memory."""
     if not should_stream(mode, path, device):
-        model, tokenizer, adapter = load_model(path, device)
-        return model, tokenizer, adapter, None
+        return None
     streamed = StreamedModel(path, device, head=head)
     check_fits(streamed, batch_tokens, device)
     log.info("layer-streamed on %s (stream=%s): %s of float32 weights, %s free", device, mode,
              _gb(model_weight_bytes(path)), _gb(available_bytes(device)))
+    return streamed
+
+
+def open_model(path: Path, device: str, mode: StreamMode, batch_tokens: int,
+               head: bool = True):
+    """(model, tokenizer, adapter, streamed) for a pass over batches of ``batch_tokens``:
+    the model loaded whole (``streamed`` None), or, when ``mode`` says to stream, the
+    skeleton of a ``StreamedModel`` (``streamed_source``)."""
+    from gprune.models.loader import load_model, load_tokenizer
+
+    streamed = streamed_source(path, device, mode, batch_tokens, head)
+    if streamed is None:
+        model, tokenizer, adapter = load_model(path, device)
+        return model, tokenizer, adapter, None
     return streamed.model, load_tokenizer(path), streamed.adapter, streamed
