@@ -93,6 +93,9 @@ def _path(p):
     _learning(p)
     p.add_argument("--gram", nargs="+", help="gram keys, one per calibration source "
                                              "(allocators that need Grams, e.g. refit_error)")
+    from gprune.configs.allocate import AllocateConfig
+
+    _stream(p, AllocateConfig)
     _method(p, "; its allocator must use a path (learned_path, refit_error)")
 
 

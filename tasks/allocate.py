@@ -115,9 +115,9 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     """``plan`` or the uniform MLP-only plan, whichever has the lower KL to dense after
     the lsq refit (``gprune.maths.plan_check``); records both KLs in ``extra``."""
     from gprune.maths.allocate import uniform_fractions
-    from gprune.maths.plan_check import calibration_kls, choose_plan, pruned_copies
+    from gprune.maths.plan_check import calibration_rounds, choose_plan, pruned_copies, split_rounds
     from gprune.maths.surgery import lsq_fits
-    from gprune.maths.streamed_check import streamed_kls
+    from gprune.maths.streamed_check import streamed_rounds
     from tasks.learning import check_inputs, streamed_check_inputs
     from tasks.path import gram_reader
 
@@ -128,19 +128,22 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     except (ConfigError, ValueError) as err:     # the target needs heads removed
         extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
         return plan
-    fits = lsq_fits(gram_reader(store, gram_keys, remember=2), config.ridge, [])
+    fits = lsq_fits(gram_reader(store, gram_keys, remember=2), config.ridge, [], residual=False)
+    per_round = max(3, len(stats.extra["capture_keys"]))     # every source once a round
     streamed = streamed_check_inputs(config.check_config(), store, stats)
     if streamed is not None:                   # one decoder layer on the device at a time
         source, batches = streamed
-        chosen, record = choose_plan(plan, reference, lambda plans: streamed_kls(
-            source, plans, fits, batches))
+        chosen, record = choose_plan(plan, reference, lambda plans: streamed_rounds(
+            source, plans, fits, split_rounds(batches, per_round)))
     else:
         dense, adapter, batches, teacher = check_inputs(config.check_config(), store, stats)
-        chosen, record = choose_plan(plan, reference, lambda plans: calibration_kls(
-            dense, pruned_copies(dense, adapter, plans, fits), batches, teacher))
+        chosen, record = choose_plan(plan, reference, lambda plans: calibration_rounds(
+            dense, pruned_copies(dense, adapter, plans, fits), split_rounds(batches, per_round),
+            teacher))
     record["streamed"] = streamed is not None
-    log.info("allocate %s at %.2f: KL to dense %.4f (plan) vs %.4f (uniform MLP-only): "
-             "kept the %s", method, config.sparsity, record["candidate"], record["reference"],
+    log.info("allocate %s at %.2f: KL to dense %.4f (plan) vs %.4f (uniform MLP-only) on %d "
+             "of %d check sequences: kept the %s", method, config.sparsity, record["candidate"],
+             record["reference"], record["sequences"], config.check_sequences,
              "plan" if record["chosen"] == "candidate" else "uniform MLP-only plan")
     extra["kl_check"] = record
     return chosen

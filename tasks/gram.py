@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from artifacts.memo import TensorMemo, default_budget
 from artifacts.store import Artifact, ArtifactStore, artifact_key, file_sha256
 from gprune.configs.gram import GramConfig
 from gprune.errors import ArtifactError, ConfigError, CorruptArtifactError
@@ -191,7 +192,16 @@ def check_gram_matches(gram: Artifact, capture: Artifact) -> None:
 _VERIFIED: set[tuple] = set()   # layer files whose sha256 matched, by (path, inode, mtime, size)
 
 
+_POOLED = TensorMemo(default_budget())   # pooled Grams, by the files they were read from
+
+
 def _layer_path(art: Artifact, layer: int) -> Path:
+    return _verified_file(art, layer)[0]
+
+
+def _verified_file(art: Artifact, layer: int) -> tuple[Path, tuple]:
+    """A layer file's path and identity (path, inode, mtime, size), its sha256 checked the
+    first time this process sees that identity."""
     name = layer_file(layer)
     info = art.manifest.get("files", {}).get(name)
     if info is None:
@@ -204,7 +214,7 @@ def _layer_path(art: Artifact, layer: int) -> Path:
         if stat.st_size != info["bytes"] or file_sha256(path) != info.get("sha256"):
             raise CorruptArtifactError(art.key, f"file {name} does not match its sha256")
         _VERIFIED.add(ident)
-    return path
+    return path, ident
 
 
 def _read(art: Artifact, layer: int, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -241,6 +251,11 @@ def pooled_gram(store: ArtifactStore, keys: list[str], layer: int, kind: str,
     arts = [gram_artifact(store, key, model) for key in keys]
     for art in arts[1:]:
         check_gram_model(art, arts[0].manifest.get("model"))
+    files = tuple(_verified_file(art, layer)[1] for art in arts)
+    return _POOLED.get((files, kind, normalize), lambda: _pooled(arts, layer, kind, normalize))
+
+
+def _pooled(arts: list[Artifact], layer: int, kind: str, normalize: str) -> torch.Tensor:
     total = None
     for art in arts:
         gram = _read(art, layer, (kind,))[kind]                              # (d+1, d+1)

@@ -21,9 +21,29 @@ def dense_model(config: AllocateConfig, stats: Artifact):
 
 
 def learning_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
-    """The dense model (on the configured device), its adapter and calibration batches."""
+    """The dense model (on the configured device; a layer-streamed ``StreamedModel`` when
+    ``config.stream`` decides so), its adapter and calibration batches."""
+    streamed = _streamed(config, stats)
+    if streamed is not None:
+        source, tokenizer = streamed
+        torch.manual_seed(config.seed)
+        return source, source.adapter, calibration_batches(store, stats, tokenizer, config)
     model, tokenizer, adapter = dense_model(config, stats)
     return model, adapter, calibration_batches(store, stats, tokenizer, config)
+
+
+def _streamed(config: AllocateConfig, stats: Artifact):
+    """(``StreamedModel``, tokenizer) of the stats' dense model when ``config.stream``
+    decides to stream it (a one-line error when even one layer does not fit), else None."""
+    from pathlib import Path
+
+    from gprune.models.loader import load_tokenizer, resolve_device
+    from gprune.models.streamed import streamed_source
+
+    path = Path(stats.extra["model_path"])
+    source = streamed_source(path, resolve_device(config.device), config.stream,
+                             config.batch_size * config.seq_len)
+    return None if source is None else (source, load_tokenizer(path))
 
 
 _CHECKS: dict[tuple, tuple] = {}    # the last kl_check set: (batches, dense teacher)
@@ -42,7 +62,7 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
            config.batch_size, config.seed, str(next(model.parameters()).device))
     with _CHECKS_LOCK:                  # concurrent targets wait for one teacher
         if key not in _CHECKS:
-            batches = calibration_batches(store, stats, tokenizer, config)
+            batches = check_batches(store, stats, tokenizer, config)
             _CHECKS.clear()
             _CHECKS[key] = (batches, dense_teacher(model, batches))
         batches, teacher = _CHECKS[key]
@@ -52,27 +72,41 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
 def streamed_check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     """(``StreamedModel`` of the dense model, kl_check batches) when ``config.stream``
     decides to stream it (a one-line error when even one layer does not fit), else None."""
-    from pathlib import Path
-
-    from gprune.models.loader import load_tokenizer, resolve_device
-    from gprune.models.streamed import streamed_source
-
-    path = Path(stats.extra["model_path"])
-    source = streamed_source(path, resolve_device(config.device), config.stream,
-                             config.batch_size * config.seq_len)
-    if source is None:
+    streamed = _streamed(config, stats)
+    if streamed is None:
         return None
-    return source, calibration_batches(store, stats, load_tokenizer(path), config)
+    source, tokenizer = streamed
+    return source, check_batches(store, stats, tokenizer, config)
+
+
+def check_batches(store: ArtifactStore, stats: Artifact, tokenizer,
+                  config: AllocateConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The kl_check's calibration tokens, sources interleaved (the first sequence of every
+    source, then the second of every source, ...): each round of the sequential check
+    (``gprune.maths.plan_check``) sees every source once."""
+    sequences = source_sequences(store, stats, tokenizer, config)
+    counts = [len(ids) for ids, _ in sequences]
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    order = torch.tensor([start + i for i in range(max(counts))
+                          for start, count in zip(starts, counts) if i < count])
+    return _batched_in(sequences, order, tokenizer.pad_token_id, config.batch_size)
 
 
 def calibration_batches(store: ArtifactStore, stats: Artifact, tokenizer,
                         config: AllocateConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Mixed-source calibration tokens: equal shares of every source behind the stats."""
     sequences = source_sequences(store, stats, tokenizer, config)
-    ids_all = _pad_cat([ids for ids, _ in sequences], tokenizer.pad_token_id)
+    order = torch.randperm(sum(len(ids) for ids, _ in sequences),
+                           generator=torch.Generator().manual_seed(config.seed))
+    return _batched_in(sequences, order, tokenizer.pad_token_id, config.batch_size)
+
+
+def _batched_in(sequences: list[tuple[torch.Tensor, torch.Tensor]], order: torch.Tensor,
+                pad_id: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every source's (ids, mask) rows, padded to one width, in ``order``, in batches."""
+    ids_all = _pad_cat([ids for ids, _ in sequences], pad_id)
     mask_all = _pad_cat([mask for _, mask in sequences], 0)
-    order = torch.randperm(len(ids_all), generator=torch.Generator().manual_seed(config.seed))
-    return batched(ids_all[order], mask_all[order], config.batch_size)
+    return batched(ids_all[order], mask_all[order], size)
 
 
 def batched(ids: torch.Tensor, mask: torch.Tensor,

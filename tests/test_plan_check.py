@@ -9,7 +9,8 @@ import torch
 
 from artifacts.store import ArtifactStore
 from gprune.maths.plan import LayerPlan, PruningPlan
-from gprune.maths.plan_check import calibration_kl, choose_plan, pruned_copy
+from gprune.maths.plan_check import (SequenceKls, calibration_kl, calibration_rounds,
+                                     choose_plan, decisive, pruned_copy, split_rounds)
 from gprune.models.adapters import adapter_for
 from gprune.models.tiny import tiny_model
 from tests.test_surgery import random_plan
@@ -44,22 +45,99 @@ def test_calibration_kl_is_zero_for_the_dense_plan_and_matches_brute_force():
     assert calibration_kl(dense, student, batches()) == pytest.approx(total / count, rel=1e-4)
 
 
+def fake_kls(per_sequence: list[list[float]], tokens: list[float]) -> SequenceKls:
+    """SequenceKls whose students have these per-token-mean KLs per sequence."""
+    kls = SequenceKls(len(per_sequence))
+    kls.sums = [[kl * n for kl, n in zip(student, tokens)] for student in per_sequence]
+    kls.tokens = list(tokens)
+    return kls
+
+
+def rounds_of(per_plan: dict, per_round: int, seen: list):
+    """A ``measure`` that yields the given per-sequence KLs a round at a time and records
+    how many rounds were taken."""
+    def measure(plans):
+        values = [per_plan[id(plan)] for plan in plans]
+        for end in range(per_round, len(values[0]) + 1, per_round):
+            seen.append(end)
+            yield fake_kls([v[:end] for v in values], [10.0] * end)
+    return measure
+
+
 def test_choose_plan_keeps_the_lower_kl_and_the_candidate_on_a_tie():
     shape = adapter_for(tiny_model("llama").config).shape(tiny_model("llama").config)
     a, b = (random_plan(shape, "x", "llama", seed=s) for s in (1, 2))
-    kls = {id(a): 0.3, id(b): 0.2}
-    measured = []
+    seen: list[int] = []
+    kls = {id(a): [0.3, 0.31, 0.29, 0.3], id(b): [0.2, 0.21, 0.19, 0.2]}
+    chosen, record = choose_plan(a, b, rounds_of(kls, 4, seen))
+    assert chosen is b and record == {"candidate": pytest.approx(0.3),
+                                      "reference": pytest.approx(0.2), "chosen": "reference",
+                                      "sequences": 4, "decisive": True, "per_sequence": {
+                                          "candidate": pytest.approx(kls[id(a)]),
+                                          "reference": pytest.approx(kls[id(b)])}}
+    kls[id(a)] = kls[id(b)]
+    chosen, record = choose_plan(a, b, rounds_of(kls, 4, seen))
+    assert chosen is a and record["chosen"] == "candidate" and not record["decisive"]
+    chosen, record = choose_plan(a, a, rounds_of(kls, 2, seen))
+    assert chosen is a and record["sequences"] == 2        # identical plans: one round
 
-    def kls_of(plans):
-        measured.append(len(plans))
-        return [kls[id(p)] for p in plans]
 
-    assert choose_plan(a, b, kls_of) == (
-        b, {"candidate": 0.3, "reference": 0.2, "chosen": "reference"})
-    kls[id(a)] = 0.2
-    assert choose_plan(a, b, kls_of)[0] is a
-    assert choose_plan(a, a, lambda plans: [1.0] * len(plans))[1]["chosen"] == "candidate"
-    assert measured == [2, 2]          # both plans measured in one call
+def test_choose_plan_stops_at_the_first_decisive_round():
+    shape = adapter_for(tiny_model("llama").config).shape(tiny_model("llama").config)
+    a, b = (random_plan(shape, "x", "llama", seed=s) for s in (1, 2))
+    clear = {id(a): [1.0, 1.1, 0.9, 1.0] * 2, id(b): [1.2, 1.3, 1.1, 1.21] * 2}
+    seen: list[int] = []
+    assert choose_plan(a, b, rounds_of(clear, 4, seen))[1]["sequences"] == 4
+    assert seen == [4]                                      # round 2 never measured
+    noisy = {id(a): [1.0, 2.0, 0.5, 1.5, 1.0, 2.0, 0.5, 1.5],
+             id(b): [1.5, 1.0, 1.0, 1.2, 1.1, 1.9, 0.7, 1.6]}
+    seen.clear()
+    chosen, record = choose_plan(a, b, rounds_of(noisy, 4, seen))
+    assert seen == [4, 8] and record["sequences"] == 8 and not record["decisive"]
+    assert chosen is (a if sum(noisy[id(a)]) <= sum(noisy[id(b)]) else b)
+
+
+def test_decisive_is_a_two_sided_paired_t_test():
+    zeros = torch.zeros(4, dtype=torch.float64)
+    base = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    # differences 1, 2, 3: t = 2 / (1 / sqrt 3) = 3.46 < t(0.975, 2) = 4.303
+    assert not decisive(base, base + torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    # differences 1, 1.1, 0.9, 1.0: t = 1 / (0.0816 / 2) = 24.5 > t(0.995, 3) = 5.841
+    diffs = torch.tensor([1.0, 1.1, 0.9, 1.0], dtype=torch.float64)
+    assert decisive(zeros, diffs, confidence=0.99) and decisive(diffs, zeros, confidence=0.99)
+    assert not decisive(base[:2], base[:2] + 1)                   # fewer than 3 sequences
+    # differences m -+ sqrt(3)/2: sample sd 1, t = m / (1 / 2) = 2 m
+    spread = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64) * 3 ** 0.5 / 2
+    assert decisive(zeros, 1.65 + spread)            # t = 3.3 > t(0.975, 3) = 3.182
+    assert not decisive(zeros, 1.55 + spread)        # t = 3.1
+    assert not decisive(zeros, 1.65 + spread, confidence=0.99)   # t(0.995, 3) = 5.841
+    assert decisive(zeros, 3.0 + spread, confidence=0.99)        # t = 6.0
+
+
+def test_split_rounds_takes_whole_batches_and_folds_a_short_tail():
+    batch = lambda n: (torch.zeros(n, 4), torch.ones(n, 4))    # noqa: E731
+    sizes = lambda rounds: [[len(b[0]) for b in r] for r in rounds]  # noqa: E731
+    assert sizes(split_rounds([batch(2)] * 4, 4)) == [[2, 2], [2, 2]]
+    assert sizes(split_rounds([batch(2)] * 5, 4)) == [[2, 2], [2, 2, 2]]
+    assert sizes(split_rounds([batch(3)] * 3, 4)) == [[3, 3, 3]]
+    assert sizes(split_rounds([batch(2)], 4)) == [[2]]
+
+
+def test_per_sequence_kls_match_brute_force():
+    dense = tiny_model("llama")
+    adapter = adapter_for(dense.config)
+    shape = adapter.shape(dense.config)
+    student = pruned_copy(dense, adapter, random_plan(shape, "x", "llama", seed=2), None)
+    *_, kls = calibration_rounds(dense, [student], [batches()[:1], batches()[1:]])
+    want = []
+    with torch.no_grad():
+        for ids, mask in batches():
+            p = torch.log_softmax(dense(input_ids=ids, attention_mask=mask).logits.double(), -1)
+            q = torch.log_softmax(student(input_ids=ids, attention_mask=mask).logits.double(), -1)
+            kl = ((p.exp() * (p - q)).sum(-1)[:, :-1] * mask[:, 1:]).sum(1)   # (B,)
+            want += (kl / mask[:, 1:].sum(1)).tolist()
+    assert kls.per_sequence(0).tolist() == pytest.approx(want, rel=1e-4)
+    assert len(kls) == 3 and len(kls.head(2)) == 2
 
 
 def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
@@ -78,6 +156,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         assert record["candidate"] > 0 and record["reference"] > 0
         chosen = record[record["chosen"]]
         assert chosen <= record["reference"]
+        assert 3 <= record["sequences"] <= 8 and isinstance(record["decisive"], bool)
         plan = json.loads((store.path(key) / "plan.json").read_text())
         if record["chosen"] == "reference":       # every head kept, MLP uniform
             assert all(len(l["heads_keep"]) == plan["dense"]["heads"] for l in plan["layers"])

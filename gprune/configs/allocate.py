@@ -46,8 +46,9 @@ class AllocateConfig(StageConfig):
     seed: int = 0
     device: str = "auto"
     stream: Literal["auto", "on", "off"] = Field(
-        "auto", description="kl_check layer-streamed, one decoder layer's weights on the "
-        "device at a time (auto: when the model does not fit; docs/SCALE.md); not in the key")
+        "auto", description="the learned allocators' training and the kl_check "
+        "layer-streamed, one decoder layer's weights on the device at a time (auto: when "
+        "the model does not fit; docs/SCALE.md); not in the key")
 
     @model_validator(mode="after")
     def _temperatures(self):

@@ -120,6 +120,26 @@ def kl_to_dense(student_logits, teacher_logprobs, mask) -> torch.Tensor:
     return (kl * mask).sum() / mask.sum()
 
 
+def kl_sums(student_logits, teacher_logprobs, mask, teacher_probs=None,
+            teacher_neg_entropy=None) -> torch.Tensor:
+    """(B,) per sequence, KL(dense || masked) summed over its real (mask == 1) positions,
+    as sum_v p log p - sum_v p log q (the measuring side; ``kl_to_dense`` is the training
+    one). ``teacher_probs`` (B, T, V) and ``teacher_neg_entropy`` (B, T): ``teacher_terms``
+    of the teacher, when several students share it."""
+    if teacher_probs is None:
+        teacher_probs, teacher_neg_entropy = teacher_terms(teacher_logprobs)
+    logits = student_logits.float()                                          # (B, T, V)
+    # sum_v p log q = sum_v p z - logsumexp(z), as sum_v p = 1 (no (B, T, V) log q made)
+    cross = (teacher_probs * logits).sum(-1) - torch.logsumexp(logits, dim=-1)   # (B, T)
+    return ((teacher_neg_entropy - cross) * mask).sum(-1)
+
+
+def teacher_terms(teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's probabilities (B, T, V) and negative entropy sum_v p log p (B, T)."""
+    probs = teacher_logprobs.exp()                                           # (B, T, V)
+    return probs, (probs * teacher_logprobs).sum(-1)
+
+
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over real (mask == 1) target positions; logits
     (B, T, V), computed in at least float32."""
@@ -145,28 +165,55 @@ def optimize_keep(model, adapter: FamilyAdapter, shape: ModelShape, layout: Mask
                   batches: list[tuple[torch.Tensor, torch.Tensor]], params: list[torch.Tensor],
                   settings: LearnSettings, keep_at) -> list[float]:
     """Adam on ``params`` (model frozen). ``keep_at(step) -> (keep fractions (M,), sparsity)``;
-    objective: KL(dense || soft-masked) + penalty * (expected keep - (1 - sparsity))^2."""
-    device = next(model.parameters()).device
-    teachers = _teacher_logprobs(model, batches)
+    objective: KL(dense || soft-masked) + penalty * (expected keep - (1 - sparsity))^2.
+    ``model``: a CausalLM, or a layer-streamed source (``load_layer``; see
+    ``gprune.maths.streamed_learning``), which runs the same objective a layer at a time."""
+    if hasattr(model, "load_layer"):
+        from gprune.maths.streamed_learning import StreamedKl
+
+        objective = StreamedKl(model, batches)
+    else:
+        objective = InMemoryKl(model, batches)
     optimizer = torch.optim.Adam(params, lr=settings.lr)
-    history, keep = [], [None]
-    model.requires_grad_(False)
-    device_layout = _to_device(layout, device)
-    with soft_masks(model, adapter, device_layout, keep, shape.head_dim):
+    history = []
+    device_layout = _to_device(layout, objective.device)
+    with objective.masked(adapter, device_layout, shape.head_dim):
         for step in range(settings.steps):
             t = settings.t_start * (settings.t_end / settings.t_start) ** (step / max(settings.steps - 1, 1))
-            input_ids, mask = batches[step % len(batches)]
             k, sparsity = keep_at(step)
-            keep[0] = masks_for(k.to(device), device_layout, t)
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            kl = kl_to_dense(logits[:, :-1], teachers[step % len(batches)], mask[:, 1:].to(device))
+            masks = masks_for(k.to(objective.device), device_layout, t)
             budget = (expected_keep(k, layout, shape) - (1.0 - sparsity)) ** 2
-            loss = kl.cpu() + settings.penalty * budget
             optimizer.zero_grad()
-            loss.backward()
+            history.append(objective.backward(step % len(batches), masks,
+                                              settings.penalty * budget))
             optimizer.step()
-            history.append(float(loss.detach()))
     return history
+
+
+class InMemoryKl:
+    """The learning objective on a model in memory: its teachers are the dense model's
+    log-probabilities on each batch, computed before any mask is applied."""
+
+    def __init__(self, model, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.batches = model, batches
+        self.device = next(model.parameters()).device
+        self.teachers = _teacher_logprobs(model, batches)
+        self.keep: list = [None]
+        model.requires_grad_(False)
+
+    def masked(self, adapter: FamilyAdapter, layout: MaskLayout, head_dim: int):
+        return soft_masks(self.model, adapter, layout, self.keep, head_dim)
+
+    def backward(self, index: int, masks, extra: torch.Tensor) -> float:
+        """Backpropagate KL on batch ``index`` under ``masks`` plus ``extra``; the loss."""
+        input_ids, mask = self.batches[index]
+        self.keep[0] = masks
+        logits = self.model(input_ids=input_ids.to(self.device),
+                            attention_mask=mask.to(self.device)).logits
+        kl = kl_to_dense(logits[:, :-1], self.teachers[index], mask[:, 1:].to(self.device))
+        loss = kl.cpu() + extra
+        loss.backward()
+        return float(loss.detach())
 
 
 @torch.no_grad()

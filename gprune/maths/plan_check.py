@@ -11,6 +11,11 @@ the reference (the uniform MLP-only plan with the same refit: every head kept, t
 fraction of MLP channels in every layer) has a lower KL: a plan is then never worse on the
 calibration objective than that hand-made plan at the same budget.
 
+The measurement is sequential: the batches come in rounds (one sequence per calibration
+source each, at least 3 sequences), and it stops after the first round at which a paired
+t-test over the per-sequence KLs (two-sided, 95%) says which plan is lower. The KLs are
+then those of the sequences measured, and the record says how many.
+
 Cost: both plans are built layer by layer together (one Gram read per layer serves both)
 and measured on one pass over the batches; the dense side comes from a ``Teacher`` (the
 dense final hidden states, computed once and shared by every target of a sweep).
@@ -18,19 +23,21 @@ dense final hidden states, computed once and shared by every target of a sweep).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from gprune.maths.learned import kl_to_dense
+from gprune.maths.learned import kl_sums, teacher_terms
 from gprune.maths.plan import PruningPlan
 from gprune.maths.surgery import Fits, check_dense, prune_layer
 from gprune.models.adapters import FamilyAdapter
 from gprune.models.pruned import finalize
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+CONFIDENCE = 0.95   # of the paired t-test that ends the check early
 
 
 def pruned_copies(dense: nn.Module, adapter: FamilyAdapter, plans: list[PruningPlan],
@@ -79,48 +86,100 @@ def dense_teacher(dense: nn.Module, batches: Batches) -> Teacher:
     return Teacher(hidden)
 
 
-class KlMeans:
-    """Per student, the running token-weighted mean of KL(dense || student) over the
-    predicted tokens of the batches added (what both the in-memory and the streamed check
-    report)."""
+class SequenceKls:
+    """Per student and per sequence (in batch order), KL(dense || student) summed over the
+    sequence's predicted tokens, and the token counts: what both the in-memory and the
+    streamed check accumulate, and what the sequential choice reads."""
 
     def __init__(self, students: int):
-        self.totals, self.tokens = [0.0] * students, 0
+        self.sums: list[list[float]] = [[] for _ in range(students)]
+        self.tokens: list[float] = []
 
     def add(self, dense_logits: Callable[[], torch.Tensor],
             student_logits: Callable[[int], torch.Tensor], attention_mask: torch.Tensor) -> None:
         """One batch: ``dense_logits()`` and ``student_logits(i)`` give (B, T, V) logits,
-        called only when the batch has predicted tokens."""
+        called only when the batch has predicted tokens (a sequence without any counts
+        zero tokens and zero KL, so sequences keep their batch order)."""
         predicted = attention_mask[:, 1:].float()                          # (B, T-1)
-        count = int(predicted.sum())
-        if not count:
+        counts = predicted.sum(1)                                          # (B,)
+        self.tokens.extend(counts.tolist())
+        if not int(counts.sum()):
+            for sums in self.sums:
+                sums.extend([0.0] * len(counts))
             return
         log_p = torch.log_softmax(dense_logits()[:, :-1].float(), -1)      # (B, T-1, V)
-        for i in range(len(self.totals)):
-            logits = student_logits(i)[:, :-1]                             # (B, T-1, V)
-            self.totals[i] += float(kl_to_dense(logits, log_p, predicted)) * count
-        self.tokens += count
+        p, neg_entropy = teacher_terms(log_p)                              # shared
+        for index, sums in enumerate(self.sums):
+            logits = student_logits(index)[:, :-1]                         # (B, T-1, V)
+            sums.extend(kl_sums(logits, log_p, predicted, p, neg_entropy).tolist())
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def head(self, sequences: int) -> "SequenceKls":
+        """The first ``sequences`` sequences' values."""
+        first = SequenceKls(0)
+        first.sums = [sums[:sequences] for sums in self.sums]
+        first.tokens = self.tokens[:sequences]
+        return first
 
     def means(self) -> list[float]:
-        if self.tokens == 0:
+        """Per student, the token-weighted mean KL over the predicted tokens."""
+        total = sum(self.tokens)
+        if total == 0:
             raise ValueError("no predicted tokens in the calibration batches")
-        return [total / self.tokens for total in self.totals]
+        return [sum(sums) / total for sums in self.sums]
+
+    def per_sequence(self, student: int) -> torch.Tensor:
+        """(n,) mean KL per token of each sequence that has predicted tokens."""
+        sums = torch.tensor(self.sums[student], dtype=torch.float64)
+        tokens = torch.tensor(self.tokens, dtype=torch.float64)
+        return sums[tokens > 0] / tokens[tokens > 0]
+
+
+def split_rounds(batches: Batches, per_round: int) -> list[Batches]:
+    """``batches`` in consecutive rounds of at least ``per_round`` sequences each (the
+    last round takes the remainder when it would be short)."""
+    rounds, current, size = [], [], 0
+    for batch in batches:
+        current.append(batch)
+        size += len(batch[0])
+        if size >= per_round:
+            rounds.append(current)
+            current, size = [], 0
+    if current:
+        if rounds and size < per_round:
+            rounds[-1].extend(current)
+        else:
+            rounds.append(current)
+    return rounds
 
 
 @torch.no_grad()
+def calibration_rounds(dense: nn.Module, students: list[nn.Module], rounds: list[Batches],
+                       teacher: Teacher | None = None) -> Iterator[SequenceKls]:
+    """After each round of batches, the ``SequenceKls`` of every round so far; the dense
+    side from ``teacher`` (its hidden states in the order of the rounds' batches) when it
+    has hidden states."""
+    device = next(dense.parameters()).device
+    head = dense.get_output_embeddings()
+    kls, number = SequenceKls(len(students)), 0
+    for batches in rounds:
+        for input_ids, attention_mask in batches:
+            ids, mask = input_ids.to(device), attention_mask.to(device)
+            kls.add(lambda: (head(teacher.hidden[number].to(device))
+                             if teacher is not None and teacher.hidden is not None
+                             else dense(input_ids=ids, attention_mask=mask).logits),
+                    lambda i: students[i](input_ids=ids, attention_mask=mask).logits, mask)
+            number += 1
+        yield kls
+
+
 def calibration_kls(dense: nn.Module, students: list[nn.Module], batches: Batches,
                     teacher: Teacher | None = None) -> list[float]:
     """Per student, the token-weighted mean KL(dense || student) over the predicted
     tokens of ``batches``; the dense side from ``teacher`` when it has hidden states."""
-    device = next(dense.parameters()).device
-    head = dense.get_output_embeddings()
-    kls = KlMeans(len(students))
-    for index, (input_ids, attention_mask) in enumerate(batches):
-        ids, mask = input_ids.to(device), attention_mask.to(device)
-        kls.add(lambda: (head(teacher.hidden[index].to(device))
-                         if teacher is not None and teacher.hidden is not None
-                         else dense(input_ids=ids, attention_mask=mask).logits),
-                lambda i: students[i](input_ids=ids, attention_mask=mask).logits, mask)
+    *_, kls = calibration_rounds(dense, students, [batches], teacher)
     return kls.means()
 
 
@@ -129,17 +188,51 @@ def calibration_kl(dense: nn.Module, student: nn.Module, batches: Batches) -> fl
     return calibration_kls(dense, [student], batches)[0]
 
 
+def decisive(candidate: torch.Tensor, reference: torch.Tensor,
+             confidence: float = CONFIDENCE) -> bool:
+    """Paired per-sequence KLs (n,) of two plans: is their mean difference nonzero by a
+    two-sided paired t-test at ``confidence`` (n >= 3)?"""
+    from scipy.stats import t as student_t
+
+    diff = reference - candidate                                           # (n,)
+    n = diff.numel()
+    if n < 3:
+        return False
+    spread = float(diff.std())
+    if spread == 0.0:
+        return float(diff.mean()) != 0.0
+    statistic = abs(float(diff.mean())) / (spread / math.sqrt(n))
+    return statistic > float(student_t.ppf(0.5 + confidence / 2, n - 1))
+
+
 def choose_plan(candidate: PruningPlan, reference: PruningPlan,
-                kls_of: Callable[[list[PruningPlan]], list[float]]) -> tuple[PruningPlan, dict]:
+                measure: Callable[[list[PruningPlan]], Iterable[SequenceKls]],
+                confidence: float = CONFIDENCE) -> tuple[PruningPlan, dict]:
     """The plan with the lower calibration KL (the candidate on a tie) and the record
-    {"candidate": KL, "reference": KL, "chosen": "candidate" | "reference"};
-    ``kls_of(plans)``: their KLs, measured together."""
+    {"candidate": KL, "reference": KL, "chosen": "candidate" | "reference",
+    "sequences": measured, "decisive": whether the t-test settled it, "per_sequence": each
+    plan's mean KL per measured sequence}.
+
+    ``measure(plans)`` yields, after each round of check batches, the plans' per-sequence
+    KLs so far. The measurement stops after the first round at which the paired
+    per-sequence differences are decisive (``decisive``: which plan is lower is then
+    settled at that confidence), else it takes every round. Identical plans are measured
+    on one round."""
     if _same_units(candidate, reference):
-        kl = kls_of([candidate])[0]
-        return candidate, {"candidate": kl, "reference": kl, "chosen": "candidate"}
-    kl_candidate, kl_reference = kls_of([candidate, reference])
+        kls = next(iter(measure([candidate])))
+        kl = kls.means()[0]
+        return candidate, {"candidate": kl, "reference": kl, "chosen": "candidate",
+                           "sequences": len(kls), "decisive": True}
+    for kls in measure([candidate, reference]):
+        settled = decisive(kls.per_sequence(0), kls.per_sequence(1), confidence)
+        if settled:
+            break
+    kl_candidate, kl_reference = kls.means()
     chosen = "candidate" if kl_candidate <= kl_reference else "reference"
-    record = {"candidate": kl_candidate, "reference": kl_reference, "chosen": chosen}
+    record = {"candidate": kl_candidate, "reference": kl_reference, "chosen": chosen,
+              "sequences": len(kls), "decisive": settled,
+              "per_sequence": {side: [round(float(v), 6) for v in kls.per_sequence(i)]
+                               for i, side in enumerate(("candidate", "reference"))}}
     return (candidate if chosen == "candidate" else reference), record
 
 

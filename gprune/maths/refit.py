@@ -53,29 +53,34 @@ def normalized(gram: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
-              keep: torch.Tensor, ridge: float, condition: bool = True) -> Refit:
+              keep: torch.Tensor, ridge: float, condition: bool = True,
+              residual: bool = True) -> Refit:
     """Refit the kept columns ``keep`` (k,) and the bias; ``gram`` (d+1, d+1) normalized.
-    ``condition``: also compute the damped kept Gram's condition number (else NaN)."""
+    ``condition``: also compute the damped kept Gram's condition number (else NaN);
+    ``residual``: also the residual (else NaN, and ``per_output`` NaN: it costs one more
+    (out, d) x (d, d) product, as much as the solve's right-hand side)."""
     a = dense_map(weight, bias)                                           # (out, d+1)
     g = gram.to(device=a.device, dtype=torch.float64)                     # (d+1, d+1)
     d = a.shape[1] - 1
     s = torch.cat([keep.to(device=a.device, dtype=torch.long),
                    torch.tensor([d], device=a.device)])                   # (k+1,)
-    g_ss = g[s][:, s]                                                     # (k+1, k+1)
+    g_s = g[s]                                                            # (k+1, d+1)
+    g_ss = g_s[:, s]                                                      # (k+1, k+1)
     k = s.numel() - 1
     lam = ridge * g_ss.diagonal()[:k].mean().clamp_min(1e-30) if k else g_ss.new_tensor(0.0)
     damp = torch.zeros(k + 1, dtype=torch.float64, device=a.device)
     damp[:k] = lam
     lhs = g_ss + torch.diag(damp)                                         # (k+1, k+1)
-    rhs = g[s] @ a.T                                                      # (k+1, out)
+    rhs = g_s @ a.T                                                       # (k+1, out)
     factor, info = torch.linalg.cholesky_ex(lhs)                         # SPD when damped
+    skipped = torch.full((a.shape[0],), float("nan"), dtype=torch.float64, device=a.device)
     if int(info) == 0:
         b_t = torch.cholesky_solve(rhs, factor)                           # (k+1, out)
-        per_output = solved_residual(a, g, b_t, rhs, damp)                # (out,)
+        per_output = solved_residual(a, g, b_t, rhs, damp) if residual else skipped
         estimate = cholesky_condition(factor)
     else:
         b_t = torch.linalg.lstsq(lhs, rhs).solution                       # (k+1, out)
-        per_output = residual_per_output(a, g, b_t.T, s)                  # (out,)
+        per_output = residual_per_output(a, g, b_t.T, s) if residual else skipped
         estimate = float("inf")
     return Refit(b_t[:k].T.contiguous(), b_t[k].contiguous(), float(per_output.sum()),
                  estimate if condition else float("nan"), per_output)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from gprune.maths.plan import PruningPlan
-from gprune.maths.plan_check import KlMeans
+from gprune.maths.plan_check import SequenceKls
 from gprune.maths.streaming import HiddenStore, StreamBatch, _run, head_logits, record_batch
 from gprune.maths.surgery import Fits, prune_layer
 from gprune.models.pruned import finalize_layer
@@ -36,11 +36,29 @@ def pruned_layer(layer: nn.Module, index: int, plan: PruningPlan, fits: Fits | N
     return finalize_layer(copied, index, adapter, hidden, sizes)
 
 
-@torch.inference_mode()
 def streamed_kls(source, plans: list[PruningPlan], fits: Fits | None, batches: Batches,
                  spill_bytes: Optional[int] = None) -> list[float]:
     """Per plan, the token-weighted mean KL(dense || pruned) over the predicted tokens of
     ``batches``; ``source``: a ``StreamedModel`` of the dense model (with its head)."""
+    return streamed_sequence_kls(source, plans, fits, batches, spill_bytes).means()
+
+
+def streamed_rounds(source, plans: list[PruningPlan], fits: Fits | None,
+                    rounds: list[Batches]) -> Iterator[SequenceKls]:
+    """What ``plan_check.calibration_rounds`` yields, from one streamed pass over every
+    round's batches (a streamed pass reads every layer once, so it measures them all)."""
+    kls = streamed_sequence_kls(source, plans, fits, [b for batches in rounds for b in batches])
+    sequences = 0
+    for batches in rounds:
+        sequences += sum(len(ids) for ids, _ in batches)
+        yield kls.head(sequences)
+
+
+@torch.inference_mode()
+def streamed_sequence_kls(source, plans: list[PruningPlan], fits: Fits | None,
+                          batches: Batches, spill_bytes: Optional[int] = None) -> SequenceKls:
+    """Per plan and per sequence of ``batches``, KL(dense || pruned) summed over its
+    predicted tokens (``plan_check.SequenceKls``)."""
     device, hidden = source.device, source.model.config.get_text_config().hidden_size
     with contextlib.ExitStack() as stack:
         stores = [stack.enter_context(HiddenStore(spill_bytes)) for _ in range(len(plans) + 1)]
@@ -63,13 +81,13 @@ def streamed_kls(source, plans: list[PruningPlan], fits: Fits | None, batches: B
                 del layers
             finally:
                 source.unload_layer(index)
-        return _mean_kls(source, stores, recorded)
+        return _sequence_kls(source, stores, recorded)
 
 
-def _mean_kls(source, stores: list[HiddenStore], recorded: list[StreamBatch]) -> list[float]:
-    kls = KlMeans(len(stores) - 1)
+def _sequence_kls(source, stores: list[HiddenStore], recorded: list[StreamBatch]) -> SequenceKls:
+    kls = SequenceKls(len(stores) - 1)
     for number, batch in enumerate(recorded):
         kls.add(lambda: head_logits(source, stores[0].get(number), batch),
                 lambda i: head_logits(source, stores[i + 1].get(number), batch),
                 batch.attention_mask)
-    return kls.means()
+    return kls

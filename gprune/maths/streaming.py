@@ -120,14 +120,20 @@ class StreamBatch:
 
 def _moved(value, device: torch.device, memo: dict):
     """``value`` with every tensor inside (tuples, lists, dicts) on ``device``, each once."""
+    return mapped(value, lambda tensor: tensor.to(device), memo)
+
+
+def mapped(value, convert: Callable[[torch.Tensor], torch.Tensor], memo: dict):
+    """``value`` with ``convert`` applied to every tensor inside (tuples, lists, dicts),
+    once per tensor (``memo``: id -> converted, so shared tensors stay shared)."""
     if isinstance(value, torch.Tensor):
         if id(value) not in memo:
-            memo[id(value)] = value.to(device)
+            memo[id(value)] = convert(value)
         return memo[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_moved(v, device, memo) for v in value)
+        return type(value)(mapped(v, convert, memo) for v in value)
     if isinstance(value, dict):
-        return {k: _moved(v, device, memo) for k, v in value.items()}
+        return {k: mapped(v, convert, memo) for k, v in value.items()}
     return value
 
 
@@ -282,6 +288,11 @@ def head_logits(source, final: torch.Tensor, batch: StreamBatch) -> torch.Tensor
     """The model's logits (B, T, V) from the last layer's output ``final`` (B, T, H): one
     body run in which the first layer returns ``final`` and the others pass it through, so
     the family's own final norm, head and any soft-capping apply."""
+    return head_logits_of(source, final, batch)
+
+
+def head_logits_of(source, final: torch.Tensor, batch: StreamBatch) -> torch.Tensor:
+    """``head_logits`` in the caller's grad mode (a graph back to ``final`` when it needs one)."""
     final = final.to(source.device)
     with replaced_forwards(source.layers, lambda i: (
             (lambda *a, **k: final) if i == 0 else (lambda *a, **k: _split(a, k)[0]))):

@@ -159,13 +159,15 @@ def bias_fits(means: Means) -> Fits:
 
 
 def lsq_fits(gram_of: Callable[[int, str], torch.Tensor], ridge: float,
-             report: list[dict]) -> Fits:
+             report: list[dict], residual: bool = True) -> Fits:
     """Least-squares refits from ``gram_of(layer, kind)`` (normalized (d+1, d+1) Grams);
-    appends each projection's residual and condition number to ``report``."""
+    appends each projection's residual (NaN unless ``residual``) and condition number to
+    ``report``."""
     def fits(layer: int, kind: str) -> Fit:
         def fit(weight, bias, keep):
             try:
-                result = lsq_refit(weight, bias, gram_of(layer, kind), keep, ridge)
+                result = lsq_refit(weight, bias, gram_of(layer, kind), keep, ridge,
+                                   residual=residual)
             except ValueError as err:
                 raise ConfigError(f"layer {layer} {kind}: {err}") from err
             report.append({"layer": layer, "kind": kind, "kept": int(keep.numel()),
