@@ -19,12 +19,19 @@ pass (``streamed_throughput_ratio``; with loading: ``..._with_load``). The strea
 also prints its per-layer figures (weights bytes, seconds per layer, hidden-state bytes)
 that docs/SCALE.md extrapolates from.
 
+With ``--stage path`` the pair is the learned path's training instead (``learn_path``,
+``--steps`` Adam steps on N x T tokens in batches of ``--batch``, random channel scores):
+``full`` loads the model, ``streamed`` runs ``gprune.maths.streamed_learning`` on a
+``StreamedModel``; the last line is then ``path_streamed_peak_over_full=<ratio>`` and the
+throughput ratio is of the training (teachers included).
+
 With ``--repeats R`` the pair runs R times, the order alternated (a shared machine's load
 drifts), and the ratios are medians over the pairs. The line before the last gives the
 smallest throughput ratio over the models; the last line, ``streamed_peak_over_full=<ratio>``
 (target <= 0.35), the largest peak-memory ratio.
 
     python benchmarks/memory.py --models smollm2 gemma3 --n 8 --seq-len 256 --batch 4
+    python benchmarks/memory.py --stage path --models smollm2 --n 4 --seq-len 128 --batch 2 --steps 6
 """
 from __future__ import annotations
 
@@ -51,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="pairs of runs (order alternated); medians are reported")
+    parser.add_argument("--stage", choices=["capture", "path"], default="capture",
+                        help="what is measured: the capture with Grams, or the learned path")
+    parser.add_argument("--steps", type=int, default=6, help="--stage path: Adam steps")
     parser.add_argument("--child", choices=["full", "streamed"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -78,6 +88,9 @@ def child(args: argparse.Namespace) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    if args.stage == "path":
+        return {**learning_child(args, ref, device, ids, mask, start),
+                "peak_bytes": int(_peak(device, baseline))}
     out: dict = {}
     if args.child == "full":
         model, _, adapter = load_model(ref, device)
@@ -93,14 +106,57 @@ def child(args: argparse.Namespace) -> dict:
                    hidden_bytes=args.n * args.seq_len * 4
                    * streamed.model.config.get_text_config().hidden_size)
     done = time.perf_counter()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    peak = _peak(device, baseline)
     assert capture.tokens == grams.tokens == args.n * args.seq_len
     return {**out, "mode": args.child, "device": device, "peak_bytes": int(peak),
             "load_s": loaded - start, "pass_s": done - loaded, "tokens": capture.tokens}
+
+
+def _peak(device: str, baseline: int) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def learning_child(args, ref, device: str, ids, mask, start: float) -> dict:
+    """The learned path's training in one mode (``--stage path``)."""
+    import torch
+
+    from gprune.maths.learned_path import PathSettings, learn_path
+    from gprune.models.loader import load_model
+    from gprune.models.streamed import StreamedModel
+
+    if args.child == "full":
+        model, _, adapter = load_model(ref, device)
+    else:
+        model = StreamedModel(ref.path, device)                 # with its head: KL at the end
+        adapter = model.adapter
+    loaded = time.perf_counter()
+    shape = adapter.shape(model.config if args.child == "full" else model.model.config)
+    batches = [(ids[s:s + args.batch], mask[s:s + args.batch])
+               for s in range(0, args.n, args.batch)]
+    torch.manual_seed(0)
+    learn_path(model, adapter, shape, random_scores(shape), batches,
+               PathSettings(steps=args.steps, grid=(0.2, 0.4)))
+    return {"mode": args.child, "device": device, "load_s": loaded - start,
+            "pass_s": time.perf_counter() - loaded, "tokens": args.n * args.seq_len}
+
+
+def random_scores(shape):
+    """Channel and head scores in [0, 1) (seed 0), one module per layer: what the path's
+    masks need; the learning's cost does not depend on the values."""
+    import pandas as pd
+    import torch
+
+    gen, rows = torch.Generator().manual_seed(0), []
+    for layer in range(shape.num_layers):
+        for kind, count in (("mlp", shape.intermediate), ("attn", shape.heads)):
+            rows += [{"layer": layer, "kind": kind, "module": 0, "unit": unit, "score": float(v)}
+                     for unit, v in enumerate(torch.rand(count, generator=gen))]
+    return pd.DataFrame(rows)
 
 
 def warm_up_imports(path) -> None:
@@ -119,7 +175,8 @@ def warm_up_imports(path) -> None:
 def run_child(args: argparse.Namespace, model: str, mode: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", mode, "--models", model,
             "--n", str(args.n), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-            "--device", args.device, "--threads", str(args.threads)]
+            "--device", args.device, "--threads", str(args.threads), "--stage", args.stage,
+            "--steps", str(args.steps)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -153,13 +210,8 @@ def main(argv=None) -> int:
                       f"peak_mb={run['peak_bytes'] / 1e6:.1f} load_s={run['load_s']:.2f} "
                       f"pass_s={run['pass_s']:.2f} "
                       f"tokens_per_s={run['tokens'] / run['pass_s']:.1f}")
-        streamed = pairs[0][1]
-        per_layer = statistics.median(s["pass_s"] for _, s in pairs) / streamed["layers"]
-        print(f"model={model} per_layer: weights_mb={streamed['layer_bytes'] / 1e6:.1f} "
-              f"resident_mb={streamed['resident_bytes'] / 1e6:.1f} "
-              f"hidden_states_mb={streamed['hidden_bytes'] / 1e6:.1f} "
-              f"seconds_per_layer={per_layer:.3f} "
-              f"seconds_per_layer_per_1k_tokens={1000 * per_layer / streamed['tokens']:.4f}")
+        if args.stage == "capture":
+            print_per_layer(model, pairs)
         throughput = statistics.median(f["pass_s"] / s["pass_s"] for f, s in pairs)
         with_load = statistics.median((f["pass_s"] + f["load_s"]) / (s["pass_s"] + s["load_s"])
                                       for f, s in pairs)
@@ -172,9 +224,21 @@ def main(argv=None) -> int:
     if not ratios:
         print("no model could be measured")
         return 1
-    print(f"streamed_throughput_ratio={min(throughputs):.3f}")
-    print(f"streamed_peak_over_full={max(ratios):.3f}")
+    prefix = "" if args.stage == "capture" else f"{args.stage}_"
+    print(f"{prefix}streamed_throughput_ratio={min(throughputs):.3f}")
+    print(f"{prefix}streamed_peak_over_full={max(ratios):.3f}")
     return 0
+
+
+def print_per_layer(model: str, pairs: list[tuple[dict, dict]]) -> None:
+    """The streamed capture's per-layer figures (docs/SCALE.md extrapolates from them)."""
+    streamed = pairs[0][1]
+    per_layer = statistics.median(s["pass_s"] for _, s in pairs) / streamed["layers"]
+    print(f"model={model} per_layer: weights_mb={streamed['layer_bytes'] / 1e6:.1f} "
+          f"resident_mb={streamed['resident_bytes'] / 1e6:.1f} "
+          f"hidden_states_mb={streamed['hidden_bytes'] / 1e6:.1f} "
+          f"seconds_per_layer={per_layer:.3f} "
+          f"seconds_per_layer_per_1k_tokens={1000 * per_layer / streamed['tokens']:.4f}")
 
 
 if __name__ == "__main__":

@@ -203,6 +203,25 @@ def test_pooled_gram_per_source_and_token_weighted(corpora):
     assert torch.equal(total, grams[0] + grams[1]) and total[-1, -1] == sum(tokens)
 
 
+def test_pooled_gram_is_read_once_and_again_when_its_file_is_replaced(corpora, monkeypatch):
+    from tasks import gram as gram_task
+
+    store, corpora_keys = corpora
+    keys = [gram_of(store, corpora_keys[name], "tiny:llama", source=name)
+            for name in ("fox", "code")]
+    reads, real = [], gram_task._pooled
+    monkeypatch.setattr(gram_task, "_pooled", lambda *a: reads.append(a[1:]) or real(*a))
+    first = pooled_gram(store, keys, 1, "mlp")
+    assert pooled_gram(store, keys, 1, "mlp") is first and len(reads) == 1
+    assert pooled_gram(store, keys, 1, "attn") is not first and len(reads) == 2
+    path = store.read(keys[0]).file("layer_001.safetensors")
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)               # the same bytes in a new file: read (and checked) again
+    again = pooled_gram(store, keys, 1, "mlp")
+    assert again is not first and torch.equal(again, first) and len(reads) == 3
+
+
 def test_config_cost_and_cli_help(capsys):
     from gprune.cli import main
 
