@@ -14,6 +14,7 @@ from gprune.maths.score import score_units
 from gprune.models.loader import load_model, resolve_model
 from gprune.models.streamed import StreamedModel
 from tests.synthetic import no_hooks, random_units
+from tests.test_stage_chain import chain  # noqa: F401  (a module fixture)
 
 RTOL = 1e-5
 
@@ -76,3 +77,29 @@ def test_learning_inputs_stream_when_asked(tmp_path, monkeypatch):
     dense, _, _ = learning.learning_inputs(
         AllocateConfig(sparsity=0.3, stream="off", device="cpu"), None, Stats())
     assert isinstance(dense, torch.nn.Module)
+
+
+def test_path_stage_streamed_has_the_same_key_and_table(chain):  # noqa: F811
+    """``stream`` is not in the path's key; forced, the streamed path stage writes the
+    in-memory table again (1e-5)."""
+    import pandas as pd
+
+    from gprune.configs.allocate import AllocateConfig
+    from gprune.methods.registry import build_method
+    from tasks.partition import run_partition
+    from tasks.path import run_path
+    from tasks.score import run_score
+
+    store, _, stats = chain
+    method = build_method("gprune")
+    partition = run_partition(method.partition_config(), store, stats)
+    score = run_score(method.score_config(), store, stats, partition)
+    config = AllocateConfig(sparsity=0.5, steps=3, n_sequences=2, seq_len=32, stream="off")
+    key = run_path(config, store, score, stats)
+    want = pd.read_parquet(store.read(key).file("path.parquet"))
+    streamed = run_path(config.model_copy(update={"stream": "on"}), store, score, stats,
+                        force=True)
+    assert streamed == key and "stream" not in config.path_params()
+    got = pd.read_parquet(store.read(key).file("path.parquet"))
+    for column in ("a", "b"):
+        np.testing.assert_allclose(got[column], want[column], rtol=RTOL, atol=RTOL)
