@@ -120,6 +120,9 @@ def _surgery(p):
                    help="default: the plan's (its method's) reconstruction")
     p.add_argument("--ridge", type=float, default=1e-3, help="lsq damping")
     p.add_argument("--device", default="auto")
+    from gprune.configs.surgery import SurgeryConfig
+
+    _stream(p, SurgeryConfig)
 
 
 def _evaluated(p, config, options: dict[str, str]) -> None:
@@ -314,7 +317,7 @@ def _run_surgery(args, store):
     from tasks.surgery import run_surgery
 
     config = SurgeryConfig.build(reconstruct=args.reconstruct, ridge=args.ridge,
-                                 device=args.device)
+                                 device=args.device, stream=args.stream)
     return run_surgery(config, store, args.plan, args.stats, force=args.force,
                        gram_keys=args.gram)
 

@@ -20,8 +20,11 @@ from gprune.errors import ArtifactError, ConfigError
 from gprune.maths.plan import PLAN_FILE, PruningPlan
 from gprune.maths.surgery import apply_plan, bias_fits, channel_means, lsq_fits
 from gprune.models.adapters import adapter_for
-from gprune.models.loader import ModelRef, load_model, resolve_device, resolve_model
+from gprune.models.loader import (ModelRef, load_model, load_tokenizer, resolve_device,
+                                  resolve_model)
 from gprune.models.pruned import finalize, param_count, save_pruned
+from gprune.models.streamed import streamed_source
+from gprune.models.streamed_checkpoint import save_pruned_streamed
 from tasks.base import run_stage, stage_spec
 
 log = logging.getLogger("gprune")
@@ -112,21 +115,27 @@ def _build(pending: PendingArtifact, config: SurgeryConfig, store: ArtifactStore
     report: list[dict] = []
     fits = _fits(store, plan, mode, inputs, config.ridge, report)
     device = resolve_device(config.device)
-    model, tokenizer, adapter = load_model(ref, device=device, dtype=config.torch_dtype)
-    dense_params = param_count(model)
-    sizes = apply_plan(model, adapter, plan, fits)
-    finalize(model, adapter, sizes)
     manifest = {
         "source_model": str(ref.path), "source_spec": ref.spec,
-        "source_fingerprint": ref.fingerprint, "family": adapter.name,
-        "method": plan.method, "target_sparsity": plan.target_sparsity,
+        "source_fingerprint": ref.fingerprint, "method": plan.method,
+        "target_sparsity": plan.target_sparsity,
         "achieved_sparsity": plan.achieved_sparsity, "plan_key": plan_key,
         "reconstruct": mode, "reconstruction_inputs": inputs,
-        "dense_params": dense_params, "pruned_params": param_count(model),
         "prunable_params": plan.prunable_params,
         "kept_prunable_params": plan.kept_prunable_params, "dtype": config.dtype,
     }
-    save_pruned(model, tokenizer, pending.file(MODEL_DIR), manifest)
+    source = streamed_source(ref.path, device, config.stream, 1, dtype=config.torch_dtype)
+    if source is not None:                     # one decoder layer in memory at a time
+        manifest["family"] = source.adapter.name
+        manifest.update(save_pruned_streamed(source, plan, fits, pending.file(MODEL_DIR),
+                                             load_tokenizer(ref.path), manifest,
+                                             config.torch_dtype))
+    else:
+        model, tokenizer, adapter = load_model(ref, device=device, dtype=config.torch_dtype)
+        manifest.update(family=adapter.name, dense_params=param_count(model))
+        finalize(model, adapter, apply_plan(model, adapter, plan, fits))
+        manifest["pruned_params"] = param_count(model)
+        save_pruned(model, tokenizer, pending.file(MODEL_DIR), manifest)
     pending.extra.update(manifest)
     if report:
         pending.extra["refit"] = report

@@ -66,3 +66,19 @@ def nan_model(family: str = "llama"):
 def no_hooks(model) -> bool:
     """Whether no forward (pre-)hook is left on any module of ``model``."""
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def synthetic_grams(shape: ModelShape):
+    """(layer, kind) -> a synthetic normalized Gram (d+1, d+1) of 64 random [x, 1] rows,
+    the same for the same (layer, kind) (memoized)."""
+    import functools
+
+    sizes = {"mlp": shape.intermediate, "attn": shape.heads * shape.head_dim}
+
+    @functools.lru_cache(maxsize=None)
+    def gram_of(layer: int, kind: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(layer * 2 + (kind == "mlp"))
+        x = torch.cat([torch.randn(64, sizes[kind], generator=gen, dtype=torch.float64),
+                       torch.ones(64, 1, dtype=torch.float64)], 1)                  # (64, d+1)
+        return x.T @ x / 64
+    return gram_of

@@ -22,7 +22,7 @@ from gprune.maths.evaluate import window_nll
 from gprune.maths.streaming import streamed_window_nll
 from gprune.models.loader import load_model, resolve_model
 from gprune.models.streamed import MEMORY_ENV, StreamedModel, should_stream
-from tests.synthetic import nan_model, no_hooks
+from tests.synthetic import nan_model, no_hooks, synthetic_grams
 
 RTOL = 1e-6
 COLUMNS = ["count", "sum", "sumsq", "sum_abs", "active"]
@@ -147,6 +147,9 @@ def test_the_pipeline_passes_stream_to_capture_gram_and_perplexity():
 
     allocate = config.allocate_config(build_method("gprune"), 0.3)
     assert allocate.stream == "on" and "stream" not in allocate.key_params()
+    assert "stream" not in allocate.path_params()
+    surgery = config.surgery_config(build_method("gprune"))
+    assert surgery.stream == "on" and "stream" not in surgery.params()
 
 
 def cli_capture(root, corpus_path, model, capsys, *extra) -> tuple[int, str]:
@@ -271,8 +274,6 @@ def test_plans_from_streamed_captures_equal_in_memory(tmp_path):
 def test_streamed_kl_check_equals_in_memory(family):
     """The allocate stage's KL check streamed: both plans (one removes a layer's attention
     entirely) with the lsq refit give the in-memory KLs."""
-    import functools
-
     from gprune.maths.plan_check import calibration_kls, pruned_copies
     from gprune.maths.streamed_check import streamed_kls
     from gprune.maths.surgery import lsq_fits
@@ -282,16 +283,7 @@ def test_streamed_kl_check_equals_in_memory(family):
     model, _, adapter = load_model(ref)
     shape = adapter.shape(model.config)
     plans = [random_plan(shape, "x", family, seed=s) for s in (1, 2)]
-    sizes = {"mlp": shape.intermediate, "attn": shape.heads * shape.head_dim}
-
-    @functools.lru_cache(maxsize=None)
-    def gram_of(layer, kind):                      # a synthetic normalized Gram, (d+1, d+1)
-        gen = torch.Generator().manual_seed(layer * 2 + (kind == "mlp"))
-        x = torch.cat([torch.randn(64, sizes[kind], generator=gen, dtype=torch.float64),
-                       torch.ones(64, 1, dtype=torch.float64)], 1)
-        return x.T @ x / 64
-
-    fits = lsq_fits(gram_of, 1e-3, [])
+    fits = lsq_fits(synthetic_grams(shape), 1e-3, [])
     ids, mask = batch()
     batches = [(ids[:3], mask[:3]), (ids[3:], mask[3:])]
     want = calibration_kls(model, pruned_copies(model, adapter, plans, fits), batches)

@@ -79,7 +79,8 @@ class PipelineConfig(StageConfig):
                                                              "source matched to units")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
     stream: Literal["auto", "on", "off"] = Field(
-        "auto", description="layer-streamed capture, Grams and perplexity: one decoder layer's "
+        "auto", description="layer-streamed capture, Grams, learned allocation, KL check, "
+                            "surgery and perplexity: one decoder layer's "
                             "weights on the device at a time (docs/SCALE.md); auto: when the "
                             "weights do not fit the device's free memory")
     seed: int = Field(0, description="seed of every sampled choice")
@@ -137,7 +138,7 @@ class PipelineConfig(StageConfig):
 
     def surgery_config(self, method: Method) -> SurgeryConfig:
         return SurgeryConfig(reconstruct=method.reconstruct, ridge=method.ridge,
-                             device=self.device)
+                             device=self.device, stream=self.stream)
 
     def perplexity_config(self) -> PerplexityConfig:
         return PerplexityConfig.build(ppl_tokens=self.eval_tokens, seq_len=self.eval_seq_len,

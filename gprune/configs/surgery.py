@@ -25,10 +25,14 @@ class SurgeryConfig(StageConfig):
     ridge: float = Field(1e-3, gt=0, le=10)
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="layer-streamed surgery, one decoder layer's weights in memory at "
+        "a time, the checkpoint written a layer per shard (auto: when the model does not "
+        "fit; docs/SCALE.md); not in the key")
 
     def params(self) -> dict[str, Any]:
-        """Key parameters: the device only decides where the work runs."""
-        return self.model_dump(mode="json", exclude={"device"})
+        """Key parameters: the device and the streaming only decide how the work runs."""
+        return self.model_dump(mode="json", exclude={"device", "stream"})
 
     @property
     def torch_dtype(self) -> torch.dtype:

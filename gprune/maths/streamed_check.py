@@ -29,11 +29,12 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def pruned_layer(layer: nn.Module, index: int, plan: PruningPlan, fits: Fits | None,
-                 adapter, hidden: int) -> nn.Module:
-    """A sliced, refit copy of the loaded dense ``layer`` as ``plan`` keeps it."""
+                 adapter, hidden: int) -> tuple[nn.Module, dict]:
+    """A sliced, refit copy of the loaded dense ``layer`` as ``plan`` keeps it, and its
+    sizes (``prune_layer``)."""
     copied = copy.deepcopy(layer)
     sizes = prune_layer(copied, adapter, plan.layers[index], plan.dense, fits)
-    return finalize_layer(copied, index, adapter, hidden, sizes)
+    return finalize_layer(copied, index, adapter, hidden, sizes), sizes
 
 
 def streamed_kls(source, plans: list[PruningPlan], fits: Fits | None, batches: Batches,
@@ -73,7 +74,7 @@ def streamed_sequence_kls(source, plans: list[PruningPlan], fits: Fits | None,
             layer = source.load_layer(index)
             try:
                 layers = [layer, *(pruned_layer(layer, index, plan, fits, source.adapter,
-                                                hidden) for plan in plans)]
+                                                hidden)[0] for plan in plans)]
                 for number, batch in enumerate(recorded):
                     for store, run in zip(stores, layers):
                         store.put(number, _run(run, store.get(number).to(device),

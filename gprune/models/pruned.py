@@ -117,14 +117,20 @@ def save_pruned(model: nn.Module, tokenizer: Any, folder: str | Path,
     if not is_pruned(model.config):
         raise ArtifactError("save_pruned needs a model finalized by gprune.models.pruned."
                             "finalize; run the surgery stage")
-    adapter = adapter_for(model.config)
     model.save_pretrained(folder, safe_serialization=True)
+    write_companions(folder, adapter_for(model.config), tokenizer, manifest)
+    return folder
+
+
+def write_companions(folder: Path, adapter: FamilyAdapter, tokenizer: Any,
+                     manifest: dict[str, Any]) -> None:
+    """What a pruned folder holds besides its weights and config: ``modeling_gprune.py``,
+    the tokenizer files and ``gprune_manifest.json``."""
     (folder / MODELING_FILE).write_text(render_modeling(adapter))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True,
                                                    default=str))
-    return folder
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

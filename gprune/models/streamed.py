@@ -296,12 +296,13 @@ def _gb(count: int) -> str:
 
 
 def streamed_source(path: Path, device: str, mode: StreamMode, batch_tokens: int,
-                    head: bool = True) -> StreamedModel | None:
+                    head: bool = True, dtype: torch.dtype = torch.float32
+                    ) -> StreamedModel | None:
     """A ``StreamedModel`` that fits one layer at a time (else a one-line error) when
     ``mode`` says to stream the model at ``path``; None when it runs in memory."""
     if not should_stream(mode, path, device):
         return None
-    streamed = StreamedModel(path, device, head=head)
+    streamed = StreamedModel(path, device, dtype=dtype, head=head)
     check_fits(streamed, batch_tokens, device)
     log.info("layer-streamed on %s (stream=%s): %s of float32 weights, %s free", device, mode,
              _gb(model_weight_bytes(path)), _gb(available_bytes(device)))
