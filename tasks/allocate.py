@@ -115,7 +115,8 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     """``plan`` or the uniform MLP-only plan, whichever has the lower KL to dense after
     the lsq refit (``gprune.maths.plan_check``); records both KLs in ``extra``."""
     from gprune.maths.allocate import uniform_fractions
-    from gprune.maths.plan_check import calibration_rounds, choose_plan, pruned_copies, split_rounds
+    from gprune.maths.plan_check import (calibration_rounds, choose_plan, pruned_copies,
+                                         split_rounds)
     from gprune.maths.surgery import lsq_fits
     from gprune.maths.streamed_check import streamed_rounds
     from tasks.learning import check_inputs, streamed_check_inputs
