@@ -195,10 +195,6 @@ _VERIFIED: set[tuple] = set()   # layer files whose sha256 matched, by (path, in
 _POOLED = TensorMemo(default_budget())   # pooled Grams, by the files they were read from
 
 
-def _layer_path(art: Artifact, layer: int) -> Path:
-    return _verified_file(art, layer)[0]
-
-
 def _verified_file(art: Artifact, layer: int) -> tuple[Path, tuple]:
     """A layer file's path and identity (path, inode, mtime, size), its sha256 checked the
     first time this process sees that identity."""
@@ -219,7 +215,7 @@ def _verified_file(art: Artifact, layer: int) -> tuple[Path, tuple]:
 
 def _read(art: Artifact, layer: int, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Upcast float64 Grams of one layer; a NaN/inf is an error naming layer, kind, source."""
-    with safe_open(str(_layer_path(art, layer)), framework="pt") as f:
+    with safe_open(str(_verified_file(art, layer)[0]), framework="pt") as f:
         grams = {kind: f.get_tensor(kind).to(torch.float64) for kind in kinds}
     for kind, gram in grams.items():
         if not bool(torch.isfinite(gram).all()):

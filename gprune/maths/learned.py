@@ -120,26 +120,6 @@ def kl_to_dense(student_logits, teacher_logprobs, mask) -> torch.Tensor:
     return (kl * mask).sum() / mask.sum()
 
 
-def kl_sums(student_logits, teacher_logprobs, mask, teacher_probs=None,
-            teacher_neg_entropy=None) -> torch.Tensor:
-    """(B,) per sequence, KL(dense || masked) summed over its real (mask == 1) positions,
-    as sum_v p log p - sum_v p log q (the measuring side; ``kl_to_dense`` is the training
-    one). ``teacher_probs`` (B, T, V) and ``teacher_neg_entropy`` (B, T): ``teacher_terms``
-    of the teacher, when several students share it."""
-    if teacher_probs is None:
-        teacher_probs, teacher_neg_entropy = teacher_terms(teacher_logprobs)
-    logits = student_logits.float()                                          # (B, T, V)
-    # sum_v p log q = sum_v p z - logsumexp(z), as sum_v p = 1 (no (B, T, V) log q made)
-    cross = (teacher_probs * logits).sum(-1) - torch.logsumexp(logits, dim=-1)   # (B, T)
-    return ((teacher_neg_entropy - cross) * mask).sum(-1)
-
-
-def teacher_terms(teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's probabilities (B, T, V) and negative entropy sum_v p log p (B, T)."""
-    probs = teacher_logprobs.exp()                                           # (B, T, V)
-    return probs, (probs * teacher_logprobs).sum(-1)
-
-
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over real (mask == 1) target positions; logits
     (B, T, V), computed in at least float32."""

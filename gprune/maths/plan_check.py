@@ -30,7 +30,6 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from gprune.maths.learned import kl_sums, teacher_terms
 from gprune.maths.plan import PruningPlan
 from gprune.maths.surgery import Fits, check_dense, prune_layer
 from gprune.models.adapters import FamilyAdapter
@@ -108,10 +107,11 @@ class SequenceKls:
                 sums.extend([0.0] * len(counts))
             return
         log_p = torch.log_softmax(dense_logits()[:, :-1].float(), -1)      # (B, T-1, V)
-        p, neg_entropy = teacher_terms(log_p)                              # shared
+        p = log_p.exp()                                                    # (B, T-1, V)
+        neg_entropy = (p * log_p).sum(-1)                                  # (B, T-1)
         for index, sums in enumerate(self.sums):
             logits = student_logits(index)[:, :-1]                         # (B, T-1, V)
-            sums.extend(kl_sums(logits, log_p, predicted, p, neg_entropy).tolist())
+            sums.extend(kl_sums(logits, p, neg_entropy, predicted).tolist())
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -135,6 +135,18 @@ class SequenceKls:
         sums = torch.tensor(self.sums[student], dtype=torch.float64)
         tokens = torch.tensor(self.tokens, dtype=torch.float64)
         return sums[tokens > 0] / tokens[tokens > 0]
+
+
+def kl_sums(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+            teacher_neg_entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) per sequence, KL(dense || student) summed over its real (mask == 1) positions,
+    as sum_v p log p - sum_v p log q, from the teacher's probabilities p (B, T, V) and
+    negative entropy sum_v p log p (B, T), which every student of a batch shares
+    (``learned.kl_to_dense`` is the training side's mean)."""
+    logits = student_logits.float()                                          # (B, T, V)
+    # sum_v p log q = sum_v p z - logsumexp(z), as sum_v p = 1 (no (B, T, V) log q made)
+    cross = (teacher_probs * logits).sum(-1) - torch.logsumexp(logits, dim=-1)   # (B, T)
+    return ((teacher_neg_entropy - cross) * mask).sum(-1)
 
 
 def split_rounds(batches: Batches, per_round: int) -> list[Batches]:

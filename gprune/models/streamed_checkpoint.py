@@ -5,15 +5,17 @@ saves the model (``gprune.models.pruned.save_pruned``). Streamed, the dense mode
 ``StreamedModel`` (no layer weights in memory): each layer is read from the safetensors
 files, a copy of it is sliced, refit and finalized exactly as in memory
 (``gprune.maths.streamed_check.pruned_layer``), its tensors are written to their own shard
-``model-<i>-of-<n>.safetensors`` (temporary name, then rename) and the layer is given back;
+``model-<i>-of-<n>.safetensors`` and the layer is given back;
 the non-layer weights (embeddings, final norm, an untied head) go to the last shard. The
 folder then gets the HF shard index, the pruned config (``gprune_layers``, ``auto_map``,
 the pruned class as its architecture), the rendered ``modeling_gprune.py``, the tokenizer
 and the manifest, as ``save_pruned`` writes them. Peak memory: the non-layer weights, one
-dense layer and its pruned copy.
+dense layer and its pruned copy. The folder is a pending artifact's: the store makes the
+whole artifact appear at once (``artifacts.store``), as for ``save_pruned``.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,9 @@ def save_pruned_streamed(source, plan: PruningPlan, fits: Fits | None, folder: s
     parameters = {name for name, _ in model.named_parameters()}
     pruned += sum(t.numel() for name, t in resident.items() if name in parameters)
     total += _write_shard(folder, _shard_name(shards - 1, shards), resident, dtype, weight_map)
-    _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total},
-                                      "weight_map": dict(sorted(weight_map.items()))})
+    (folder / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        indent=2, sort_keys=True))
     counts = {"dense_params": param_count(model), "pruned_params": pruned}
     _pruned_config(model.config, adapter, sizes, dtype).save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
@@ -75,9 +78,7 @@ def _write_shard(folder: Path, name: str, state: dict[str, torch.Tensor], dtype:
     """Write ``state`` (floating tensors cast to ``dtype``) as one shard; its bytes."""
     tensors = {key: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
                for key, t in state.items()}
-    part = folder / (name + ".part")
-    save_file(tensors, str(part), metadata={"format": "pt"})
-    part.replace(folder / name)
+    save_file(tensors, str(folder / name), metadata={"format": "pt"})
     weight_map.update({key: name for key in tensors})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -98,17 +99,9 @@ def _resident_state(source) -> dict[str, torch.Tensor]:
 def _pruned_config(config, adapter, sizes: list[dict], dtype: torch.dtype):
     """The dense config with the pruned class's entries (as ``finalize`` and
     ``save_pretrained`` give them)."""
-    import copy
-
     pruned = copy.deepcopy(config)
     pruned.gprune_layers = [dict(s) for s in sizes]
     pruned.auto_map = {"AutoModelForCausalLM": f"modeling_gprune.{class_name(adapter)}"}
     pruned.architectures = [class_name(adapter)]
     pruned.dtype = dtype
     return pruned
-
-
-def _write_json(path: Path, value: dict) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(value, indent=2, sort_keys=True))
-    part.replace(path)
