@@ -120,6 +120,7 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     from gprune.maths.surgery import lsq_fits
     from gprune.maths.streamed_check import streamed_rounds
     from tasks.learning import check_inputs, streamed_check_inputs
+    from tasks.gram import gram_memo
     from tasks.path import gram_reader
 
     try:
@@ -129,7 +130,9 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     except (ConfigError, ValueError) as err:     # the target needs heads removed
         extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
         return plan
-    fits = lsq_fits(gram_reader(store, gram_keys, remember=2), config.ridge, [], residual=False)
+    grams = sorted(gram_keys)           # surgery's order: the same pooled sums, the same memo
+    fits = lsq_fits(gram_reader(store, grams, remember=2), config.ridge, [],
+                    memo=gram_memo(store, grams))  # surgery finds the chosen plan's refits
     per_round = max(3, len(stats.extra["capture_keys"]))     # every source once a round
     streamed = streamed_check_inputs(config.check_config(), store, stats)
     if streamed is not None:                   # one decoder layer on the device at a time

@@ -193,6 +193,7 @@ _VERIFIED: set[tuple] = set()   # layer files whose sha256 matched, by (path, in
 
 
 _POOLED = TensorMemo(default_budget())   # pooled Grams, by the files they were read from
+_DERIVED = TensorMemo(default_budget() // 2)   # refits and dense energies, by the same files
 
 
 def _verified_file(art: Artifact, layer: int) -> tuple[Path, tuple]:
@@ -262,3 +263,16 @@ def _pooled(arts: list[Artifact], layer: int, kind: str, normalize: str) -> torc
                                 f"{tuple(gram.shape)}, others {tuple(total.shape)}")
         total = gram if total is None else total + gram
     return total / len(arts) if normalize == "per_source" else total
+
+
+def gram_memo(store: ArtifactStore, keys: list[str]):
+    """A ``gprune.maths.surgery.Memo`` for refits from ``pooled_gram(store, keys, ...)``:
+    values are remembered by the Gram files they came from (as the pooled Grams are), so
+    the targets of a sweep, their KL checks and their surgeries share what they solve."""
+    arts = [gram_artifact(store, key) for key in keys]
+
+    def remember(layer: int, kind: str, key: tuple, compute):
+        files = tuple(_verified_file(art, layer)[1] for art in arts)
+        return _DERIVED.get((files, kind, key), compute)
+
+    return remember

@@ -54,7 +54,9 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     """``learning_inputs`` of the allocate stage's kl_check plus the dense model's teacher
     on its batches (``gprune.maths.plan_check.dense_teacher``). The batches and the teacher
     depend only on the stats and the check settings, so the targets of one sweep share
-    them: the last set is kept in this process (the dense final hidden states, not logits)."""
+    them: the last set is kept in this process (the dense final hidden states, and as many
+    of the dense side's KL terms as half a memo's budget holds)."""
+    from artifacts.memo import default_budget
     from gprune.maths.plan_check import dense_teacher
 
     model, tokenizer, adapter = dense_model(config, stats)
@@ -64,7 +66,8 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
         if key not in _CHECKS:
             batches = check_batches(store, stats, tokenizer, config)
             _CHECKS.clear()
-            _CHECKS[key] = (batches, dense_teacher(model, batches))
+            _CHECKS[key] = (batches, dense_teacher(model, batches,
+                                                   keep_bytes=default_budget() // 2))
         batches, teacher = _CHECKS[key]
     return model, adapter, batches, teacher
 

@@ -103,10 +103,10 @@ def _fits(store: ArtifactStore, plan: PruningPlan, mode: str, inputs: dict,
     if mode == "bias":
         return bias_fits(read_means(store, inputs["stats"], plan))
     if mode == "lsq":
-        from tasks.gram import pooled_gram
+        from tasks.gram import gram_memo, pooled_gram
 
         grams = lambda layer, kind: pooled_gram(store, inputs["grams"], layer, kind)  # noqa: E731
-        return lsq_fits(grams, ridge, report)
+        return lsq_fits(grams, ridge, report, memo=gram_memo(store, inputs["grams"]))
     return None
 
 

@@ -28,3 +28,18 @@ def test_memo_keeps_within_its_budget_and_evicts_the_least_recently_used():
     big = memo.get("big", lambda: torch.zeros(1000, dtype=torch.float64))
     assert big.numel() == 1000 and memo.get("big", lambda: torch.ones(1)).numel() == 1  # not kept
     assert 0 < default_budget() <= 2**31
+
+
+def test_memo_counts_the_tensors_of_tuples_and_dataclasses():
+    from artifacts.memo import nbytes
+    from gprune.maths.refit import Refit
+
+    pair = (torch.zeros(10, dtype=torch.float64), [torch.zeros(5, dtype=torch.float32), 3.0])
+    assert nbytes(pair) == 80 + 20
+    refit = Refit(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                  0.0, 1.0, torch.zeros(4, dtype=torch.float64))
+    assert nbytes(refit) == 8 * (12 + 4 + 4)
+    memo = TensorMemo(budget_bytes=150)
+    memo.get("refit", lambda: refit)                              # 160 bytes: not kept
+    assert memo.get("refit", lambda: pair) is pair
+    assert memo.get("refit", lambda: refit) is pair               # 100 bytes: kept

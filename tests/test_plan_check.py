@@ -141,7 +141,7 @@ def test_per_sequence_kls_match_brute_force():
 
 
 def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
-        prefect_api, tmp_path):
+        prefect_api, tmp_path, monkeypatch):
     from flows.gprune_flow import gprune_flow
     from gprune.errors import ConfigError
     from tasks.allocate import run_allocate
@@ -156,7 +156,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         assert record["candidate"] > 0 and record["reference"] > 0
         chosen = record[record["chosen"]]
         assert chosen <= record["reference"]
-        assert 3 <= record["sequences"] <= 8 and isinstance(record["decisive"], bool)
+        assert 3 <= record["sequences"] <= 16 and isinstance(record["decisive"], bool)
         plan = json.loads((store.path(key) / "plan.json").read_text())
         if record["chosen"] == "reference":       # every head kept, MLP uniform
             assert all(len(l["heads_keep"]) == plan["dense"]["heads"] for l in plan["layers"])
@@ -165,6 +165,34 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
     with pytest.raises(ConfigError, match="gprune stage gram"):
         run_allocate(AllocateConfig(sparsity=0.3, allocator="uniform", kl_check=True), store,
                      art.manifest["inputs"]["score"], art.manifest["inputs"]["stats"])
+    surgery_reuses_the_checked_refits(store, art, monkeypatch)
+
+
+def surgery_reuses_the_checked_refits(store, plan: "Artifact", monkeypatch) -> None:
+    """A plan's KL check (its Gram keys in any order) leaves its refits to the surgery of
+    the same process, which then solves nothing and writes what a fresh solve writes."""
+    import gprune.maths.surgery as surgery_maths
+    import tasks.gram
+    from gprune.configs.allocate import AllocateConfig
+    from gprune.configs.surgery import SurgeryConfig
+    from tasks.allocate import run_allocate
+    from tasks.surgery import MODEL_DIR, run_surgery
+
+    grams = sorted(plan.manifest["inputs"]["grams"], reverse=True)
+    config = AllocateConfig(sparsity=0.3, allocator="uniform", prune_attention=False,
+                            kl_check=True, check_sequences=3, check_seq_len=32, device="cpu")
+    tasks.gram._DERIVED.clear()
+    checked = run_allocate(config, store, plan.manifest["inputs"]["score"],
+                           plan.manifest["inputs"]["stats"], reconstruct="lsq", gram_keys=grams)
+    solved, solve = [], surgery_maths.lsq_refit
+    monkeypatch.setattr(surgery_maths, "lsq_refit", lambda *a, **k: solved.append(1) or solve(*a, **k))
+    surgery = SurgeryConfig(reconstruct="lsq", device="cpu")
+    key = run_surgery(surgery, store, checked, None, gram_keys=grams)
+    assert not solved
+    weights = (store.path(key) / MODEL_DIR / "model.safetensors").read_bytes()
+    tasks.gram._DERIVED.clear()
+    assert run_surgery(surgery, store, checked, None, force=True, gram_keys=grams) == key
+    assert solved and weights == (store.path(key) / MODEL_DIR / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "starcoder2"])
@@ -187,6 +215,10 @@ def test_plans_built_together_and_the_shared_teacher_give_the_single_plan_kls(fa
     assert shared == pytest.approx([calibration_kl(dense, s, batches()) for s in alone],
                                    rel=1e-5)
     assert min(shared) > 0
+    keeping = dense_teacher(dense, batches(), keep_bytes=2**30)   # terms kept for the next check
+    assert calibration_kls(dense, together, batches(), keeping) == shared
+    assert len(keeping.kept) == len(batches()) and not teacher.kept
+    assert calibration_kls(dense, together, batches(), keeping) == shared
 
 
 def test_plans_built_together_read_each_gram_once_and_refit_as_alone():

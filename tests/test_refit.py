@@ -53,6 +53,44 @@ def test_refit_equals_ridge_least_squares_solved_directly():
     assert got.condition > 1
 
 
+def test_residual_from_a_given_dense_energy_equals_the_computed_one():
+    from gprune.maths.refit import dense_energy, dense_map
+
+    x, w, b = sample()
+    gram, keep = normalized(gram_of(x)), torch.tensor([1, 4, 5, 8])
+    plain = lsq_refit(w, b, gram, keep, 1e-3)
+    given = lsq_refit(w, b, gram, keep, 1e-3, energy=dense_energy(dense_map(w, b), gram))
+    assert torch.equal(plain.per_output, given.per_output)
+    y = x @ w.T + b                                                      # (n, out) brute force
+    fitted = x[:, keep] @ plain.weight.T + plain.bias
+    assert plain.residual == pytest.approx(float(((y - fitted) ** 2).sum(1).mean()), rel=1e-6)
+
+
+def test_memoized_fits_solve_each_refit_once_and_hand_out_copies():
+    memo_values, computed = {}, []
+
+    def memo(layer, kind, key, compute):
+        if (layer, kind, key) not in memo_values:
+            computed.append(key[0])
+            memo_values[(layer, kind, key)] = compute()
+        return memo_values[(layer, kind, key)]
+
+    x, w, b = sample()
+    gram = normalized(gram_of(x))
+    keep = torch.tensor([0, 3, 5, 6])
+    plain_report, memo_report = [], []
+    want = lsq_fits(lambda layer, kind: gram, 1e-3, plain_report)(2, "mlp")(w, b, keep)
+    fit = lsq_fits(lambda layer, kind: gram, 1e-3, memo_report, memo=memo)(2, "mlp")
+    first, second = fit(w, b, keep), fit(w, b, keep)
+    assert computed == ["refit", "energy"]                 # the second call solved nothing
+    for got in (first, second):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert first[0] is not second[0]                       # the memo's tensors stay its own
+    assert memo_report == plain_report * 2
+    fit(w, b, torch.tensor([0, 3, 5]))                     # another kept set: solved, same energy
+    assert computed == ["refit", "energy", "refit"]
+
+
 def test_keeping_every_channel_reproduces_the_dense_map():
     x, w, b = sample()
     got = lsq_refit(w, b, normalized(gram_of(x)), torch.arange(12), ridge=1e-12)

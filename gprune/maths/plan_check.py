@@ -18,13 +18,14 @@ then those of the sequences measured, and the record says how many.
 
 Cost: both plans are built layer by layer together (one Gram read per layer serves both)
 and measured on one pass over the batches; the dense side comes from a ``Teacher`` (the
-dense final hidden states, computed once and shared by every target of a sweep).
+dense final hidden states, computed once and shared by every target of a sweep, and the
+KL's dense terms of as many batches as its byte budget holds).
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -65,13 +66,28 @@ def pruned_copy(dense: nn.Module, adapter: FamilyAdapter, plan: PruningPlan,
 class Teacher:
     """The dense model's final hidden states on the check batches, one (B, T, d) tensor per
     batch (the output head turns them into the dense logits), or None where the head alone
-    does not reproduce the model's logits (then the dense model runs again per check)."""
+    does not reproduce the model's logits (then the dense model runs again per check).
+    ``keep_bytes``: how much of the dense side's KL terms (``dense_terms``, vocabulary-sized)
+    it may keep for the next check of the same batches (0: none)."""
 
     hidden: list[torch.Tensor] | None
+    keep_bytes: int = 0
+    kept: dict = field(default_factory=dict, compare=False, repr=False)  # number -> terms
+
+    def terms(self, number: int, head: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dense_terms`` of batch ``number`` (from its hidden states; ``self.hidden``
+        must not be None)."""
+        if number in self.kept:
+            return self.kept[number]
+        terms = dense_terms(head(self.hidden[number].to(device)))
+        held = sum(p.numel() * p.element_size() for p, _ in self.kept.values())
+        if held + terms[0].numel() * terms[0].element_size() <= self.keep_bytes:
+            self.kept[number] = terms
+        return terms
 
 
 @torch.no_grad()
-def dense_teacher(dense: nn.Module, batches: Batches) -> Teacher:
+def dense_teacher(dense: nn.Module, batches: Batches, keep_bytes: int = 0) -> Teacher:
     """Run ``dense`` once over ``batches`` and keep what its logits need."""
     head, device = dense.get_output_embeddings(), next(dense.parameters()).device
     hidden = []
@@ -82,7 +98,15 @@ def dense_teacher(dense: nn.Module, batches: Batches) -> Teacher:
         if head is None or not torch.allclose(head(last), out.logits, rtol=1e-4, atol=1e-4):
             return Teacher(None)        # e.g. a final norm or soft-cap after the hidden states
         hidden.append(last.cpu())
-    return Teacher(hidden)
+    return Teacher(hidden, keep_bytes)
+
+
+def dense_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense side of the KL from its logits (B, T, V): the probabilities of the
+    predicted positions p (B, T-1, V) and their negative entropy sum_v p log p (B, T-1)."""
+    log_p = torch.log_softmax(logits[:, :-1].float(), -1)                  # (B, T-1, V)
+    p = log_p.exp()                                                        # (B, T-1, V)
+    return p, (p * log_p).sum(-1)
 
 
 class SequenceKls:
@@ -94,11 +118,12 @@ class SequenceKls:
         self.sums: list[list[float]] = [[] for _ in range(students)]
         self.tokens: list[float] = []
 
-    def add(self, dense_logits: Callable[[], torch.Tensor],
+    def add(self, dense: Callable[[], tuple[torch.Tensor, torch.Tensor]],
             student_logits: Callable[[int], torch.Tensor], attention_mask: torch.Tensor) -> None:
-        """One batch: ``dense_logits()`` and ``student_logits(i)`` give (B, T, V) logits,
-        called only when the batch has predicted tokens (a sequence without any counts
-        zero tokens and zero KL, so sequences keep their batch order)."""
+        """One batch: ``dense()`` gives the dense side's ``dense_terms`` and
+        ``student_logits(i)`` (B, T, V) logits, called only when the batch has predicted
+        tokens (a sequence without any counts zero tokens and zero KL, so sequences keep
+        their batch order)."""
         predicted = attention_mask[:, 1:].float()                          # (B, T-1)
         counts = predicted.sum(1)                                          # (B,)
         self.tokens.extend(counts.tolist())
@@ -106,9 +131,7 @@ class SequenceKls:
             for sums in self.sums:
                 sums.extend([0.0] * len(counts))
             return
-        log_p = torch.log_softmax(dense_logits()[:, :-1].float(), -1)      # (B, T-1, V)
-        p = log_p.exp()                                                    # (B, T-1, V)
-        neg_entropy = (p * log_p).sum(-1)                                  # (B, T-1)
+        p, neg_entropy = dense()                                  # (B, T-1, V), (B, T-1)
         for index, sums in enumerate(self.sums):
             logits = student_logits(index)[:, :-1]                         # (B, T-1, V)
             sums.extend(kl_sums(logits, p, neg_entropy, predicted).tolist())
@@ -179,9 +202,9 @@ def calibration_rounds(dense: nn.Module, students: list[nn.Module], rounds: list
     for batches in rounds:
         for input_ids, attention_mask in batches:
             ids, mask = input_ids.to(device), attention_mask.to(device)
-            kls.add(lambda: (head(teacher.hidden[number].to(device))
+            kls.add(lambda: (teacher.terms(number, head, device)
                              if teacher is not None and teacher.hidden is not None
-                             else dense(input_ids=ids, attention_mask=mask).logits),
+                             else dense_terms(dense(input_ids=ids, attention_mask=mask).logits)),
                     lambda i: students[i](input_ids=ids, attention_mask=mask).logits, mask)
             number += 1
         yield kls

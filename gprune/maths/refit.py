@@ -54,11 +54,12 @@ def normalized(gram: torch.Tensor) -> torch.Tensor:
 
 def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
               keep: torch.Tensor, ridge: float, condition: bool = True,
-              residual: bool = True) -> Refit:
+              residual: bool = True, energy: torch.Tensor | None = None) -> Refit:
     """Refit the kept columns ``keep`` (k,) and the bias; ``gram`` (d+1, d+1) normalized.
     ``condition``: also compute the damped kept Gram's condition number (else NaN);
     ``residual``: also the residual (else NaN, and ``per_output`` NaN: it costs one more
-    (out, d) x (d, d) product, as much as the solve's right-hand side)."""
+    (out, d) x (d, d) product, as much as the solve's right-hand side, unless ``energy``,
+    the plan-independent ``dense_energy`` of this projection and Gram, is given)."""
     a = dense_map(weight, bias)                                           # (out, d+1)
     g = gram.to(device=a.device, dtype=torch.float64)                     # (d+1, d+1)
     d = a.shape[1] - 1
@@ -76,7 +77,7 @@ def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
     skipped = torch.full((a.shape[0],), float("nan"), dtype=torch.float64, device=a.device)
     if int(info) == 0:
         b_t = torch.cholesky_solve(rhs, factor)                           # (k+1, out)
-        per_output = solved_residual(a, g, b_t, rhs, damp) if residual else skipped
+        per_output = solved_residual(a, g, b_t, rhs, damp, energy) if residual else skipped
         estimate = cholesky_condition(factor)
     else:
         b_t = torch.linalg.lstsq(lhs, rhs).solution                       # (k+1, out)
@@ -86,14 +87,19 @@ def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
                  estimate if condition else float("nan"), per_output)
 
 
+def dense_energy(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(out,) diag(A G A^T): each dense output's mean square; A (out, d+1), G (d+1, d+1)."""
+    return (a @ g * a).sum(1)
+
+
 def solved_residual(a: torch.Tensor, g: torch.Tensor, b_t: torch.Tensor, rhs: torch.Tensor,
-                    damp: torch.Tensor) -> torch.Tensor:
+                    damp: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
     """(out,) ``residual_per_output`` of a solution of (G_SS + D) b_t = rhs = G_S: A^T.
 
     Then G_SS b_t = rhs - D b_t, so diag(B G_S: A^T) = colsum(b_t * rhs) and
     diag(B G_SS B^T) = colsum(b_t * rhs) - colsum(D b_t^2): only the dense term
-    diag(A G A^T) needs a (out, d) x (d, d) product."""
-    full = (a @ g * a).sum(1)                                             # (out,)
+    diag(A G A^T) (``energy`` when given) needs a (out, d) x (d, d) product."""
+    full = dense_energy(a, g) if energy is None else energy.to(a)         # (out,)
     cross = (b_t * rhs).sum(0)                                            # (out,)
     damped = (damp[:, None] * b_t * b_t).sum(0)                           # (out,)
     return (full - cross - damped).clamp_min(0.0)
@@ -114,7 +120,7 @@ def residual_error(a: torch.Tensor, g: torch.Tensor, b: torch.Tensor, s: torch.T
 def residual_per_output(a: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
                         s: torch.Tensor) -> torch.Tensor:
     """(out,) mean squared error of each output dimension, from the Gram."""
-    full = (a @ g * a).sum(1)                                             # diag(A G A^T)
+    full = dense_energy(a, g)                                             # diag(A G A^T)
     cross = (b @ g[s] * a).sum(1)                                         # diag(B G_S: A^T)
     kept = (b @ g[s][:, s] * b).sum(1)                                    # diag(B G_SS B^T)
     return (full - 2 * cross + kept).clamp_min(0.0)

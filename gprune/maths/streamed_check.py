@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gprune.maths.plan import PruningPlan
-from gprune.maths.plan_check import SequenceKls
+from gprune.maths.plan_check import SequenceKls, dense_terms
 from gprune.maths.streaming import HiddenStore, StreamBatch, _run, head_logits, record_batch
 from gprune.maths.surgery import Fits, prune_layer
 from gprune.models.pruned import finalize_layer
@@ -88,7 +88,7 @@ def streamed_sequence_kls(source, plans: list[PruningPlan], fits: Fits | None,
 def _sequence_kls(source, stores: list[HiddenStore], recorded: list[StreamBatch]) -> SequenceKls:
     kls = SequenceKls(len(stores) - 1)
     for number, batch in enumerate(recorded):
-        kls.add(lambda: head_logits(source, stores[0].get(number), batch),
+        kls.add(lambda: dense_terms(head_logits(source, stores[0].get(number), batch)),
                 lambda i: head_logits(source, stores[i + 1].get(number), batch),
                 batch.attention_mask)
     return kls

@@ -17,14 +17,15 @@ pruned-checkpoint code (gprune/models/pruned.py) swaps in an empty attention mod
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+import hashlib
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from gprune.errors import ConfigError
 from gprune.maths.plan import LayerPlan, PruningPlan
-from gprune.maths.refit import bias_refit, lsq_refit
+from gprune.maths.refit import bias_refit, dense_energy, dense_map, lsq_refit
 from gprune.models.adapters import FamilyAdapter, ModelShape
 
 Means = Mapping[tuple[int, str], torch.Tensor]   # (layer, "mlp"|"attn") -> (channels,)
@@ -32,6 +33,9 @@ Means = Mapping[tuple[int, str], torch.Tensor]   # (layer, "mlp"|"attn") -> (cha
 Fit = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor],
                tuple[torch.Tensor, torch.Tensor]]
 Fits = Callable[[int, str], Optional[Fit]]       # (layer, "mlp"|"attn") -> its Fit
+# memo(layer, kind, key, compute): compute(), or the value remembered under ``key`` for the
+# Gram that ``gram_of(layer, kind)`` reads (the caller knows which files that is)
+Memo = Callable[[int, str, tuple, Callable[[], Any]], Any]
 
 
 def head_channels(heads: tuple[int, ...] | list[int], head_dim: int,
@@ -159,22 +163,52 @@ def bias_fits(means: Means) -> Fits:
 
 
 def lsq_fits(gram_of: Callable[[int, str], torch.Tensor], ridge: float,
-             report: list[dict], residual: bool = True) -> Fits:
+             report: list[dict], residual: bool = True, memo: Memo | None = None) -> Fits:
     """Least-squares refits from ``gram_of(layer, kind)`` (normalized (d+1, d+1) Grams);
     appends each projection's residual (NaN unless ``residual``) and condition number to
-    ``report``."""
+    ``report``. ``memo``: remembers each refit (by the dense weights, the kept columns and
+    the ridge) and each projection's plan-independent ``dense_energy``, so a plan refit
+    twice in one process (the KL check, then surgery) is solved once."""
     def fits(layer: int, kind: str) -> Fit:
         def fit(weight, bias, keep):
-            try:
-                result = lsq_refit(weight, bias, gram_of(layer, kind), keep, ridge,
-                                   residual=residual)
-            except ValueError as err:
-                raise ConfigError(f"layer {layer} {kind}: {err}") from err
+            if memo is None:
+                result = _solved(layer, kind, weight, bias, keep, None)
+            else:
+                dense = tensor_digest(dense_map(weight, bias))   # its values, whatever dtype
+                result = memo(layer, kind, ("refit", dense, tensor_digest(keep), ridge, residual),
+                              lambda: _solved(layer, kind, weight, bias, keep, dense))
             report.append({"layer": layer, "kind": kind, "kept": int(keep.numel()),
                            "residual": result.residual, "condition": result.condition})
+            if memo is not None:           # the memo's tensors stay its own
+                return result.weight.clone(), result.bias.clone()
             return result.weight, result.bias
         return fit
+
+    def _solved(layer, kind, weight, bias, keep, dense: str | None):
+        """The refit; ``dense``: the weights' digest, when the memo holds their energy."""
+        gram = gram_of(layer, kind)
+        energy = (memo(layer, kind, ("energy", dense),
+                       lambda: dense_energy(dense_map(weight, bias),
+                                            gram.to(weight.device, torch.float64)))
+                  if dense is not None and residual else None)
+        try:
+            return lsq_refit(weight, bias, gram, keep, ridge, residual=residual, energy=energy)
+        except ValueError as err:
+            raise ConfigError(f"layer {layer} {kind}: {err}") from err
     return fits
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """A digest of the tensors' dtypes, shapes and values (None counts as a value)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{flat.dtype}{tuple(flat.shape)}".encode())
+        digest.update(flat.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def channel_means(channels, shape: ModelShape) -> dict[tuple[int, str], torch.Tensor]:
