@@ -36,10 +36,11 @@ class AllocateConfig(StageConfig):
     kl_check: bool = Field(False, description="measure the plan's KL to dense after the lsq "
                            "refit on held-apart calibration batches; keep the uniform MLP-only "
                            "plan instead when its KL is lower (needs Gram statistics)")
-    check_sequences: int = Field(8, ge=1, description="kl_check: calibration sequences (drawn "
+    check_sequences: int = Field(16, ge=1, description="kl_check: calibration sequences (drawn "
                                  "with seed + 1: not the learning batches, not the Gram's)")
-    check_seq_len: int = Field(512, ge=8, description="kl_check: tokens per sequence (as long "
-                               "as the evaluation's windows: heads matter more with context)")
+    check_seq_len: int = Field(256, ge=8, description="kl_check: tokens per sequence (more, "
+                               "shorter sequences let its sequential test stop sooner; give "
+                               "plans that remove heads the evaluation's context length)")
     allocator_params: dict = Field(default_factory=dict, description="the method's own "
                                    "settings of its allocator (e.g. gisp's schedule); part "
                                    "of the path's and the plan's key when not empty")
