@@ -39,8 +39,8 @@ class AllocateConfig(StageConfig):
     check_sequences: int = Field(16, ge=1, description="kl_check: calibration sequences (drawn "
                                  "with seed + 1: not the learning batches, not the Gram's)")
     check_seq_len: int = Field(256, ge=8, description="kl_check: tokens per sequence (more, "
-                               "shorter sequences let its sequential test stop sooner; give "
-                               "plans that remove heads the evaluation's context length)")
+                               "shorter sequences let its sequential test stop sooner at the "
+                               "same tokens; measured with heads kept: docs/METHOD_NOTES.md)")
     allocator_params: dict = Field(default_factory=dict, description="the method's own "
                                    "settings of its allocator (e.g. gisp's schedule); part "
                                    "of the path's and the plan's key when not empty")
