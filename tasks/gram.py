@@ -266,13 +266,14 @@ def _pooled(arts: list[Artifact], layer: int, kind: str, normalize: str) -> torc
 
 
 def gram_memo(store: ArtifactStore, keys: list[str]):
-    """A ``gprune.maths.surgery.Memo`` for refits from ``pooled_gram(store, keys, ...)``:
-    values are remembered by the Gram files they came from (as the pooled Grams are), so
-    the targets of a sweep, their KL checks and their surgeries share what they solve."""
+    """A ``gprune.maths.surgery.Memo`` for refits from ``pooled_gram(store, keys, layer,
+    kind)`` (per-source normalized): values are remembered by the Gram files they came from
+    (as the pooled Grams are), so the targets of a sweep, their KL checks and their
+    surgeries share what they solve."""
     arts = [gram_artifact(store, key) for key in keys]
 
     def remember(layer: int, kind: str, key: tuple, compute):
         files = tuple(_verified_file(art, layer)[1] for art in arts)
-        return _DERIVED.get((files, kind, key), compute)
+        return _DERIVED.get((files, kind, "per_source", key), compute)
 
     return remember
