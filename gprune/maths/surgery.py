@@ -198,16 +198,11 @@ def lsq_fits(gram_of: Callable[[int, str], torch.Tensor], ridge: float,
     return fits
 
 
-def tensor_digest(*tensors: torch.Tensor | None) -> str:
-    """A digest of the tensors' dtypes, shapes and values (None counts as a value)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        if tensor is None:
-            digest.update(b"none")
-            continue
-        flat = tensor.detach().cpu().contiguous()
-        digest.update(f"{flat.dtype}{tuple(flat.shape)}".encode())
-        digest.update(flat.reshape(-1).view(torch.uint8).numpy())
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A digest of a tensor's dtype, shape and values."""
+    flat = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{flat.dtype}{tuple(flat.shape)}".encode())
+    digest.update(flat.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
