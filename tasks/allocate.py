@@ -117,6 +117,7 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     from gprune.maths.allocate import uniform_fractions
     from gprune.maths.plan_check import (calibration_rounds, choose_plan, pruned_copies,
                                          split_rounds)
+    from gprune.maths.precision import in_precision, resolve_precision
     from gprune.maths.surgery import lsq_fits
     from gprune.maths.streamed_check import streamed_rounds
     from tasks.learning import check_inputs, streamed_check_inputs
@@ -137,14 +138,18 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     streamed = streamed_check_inputs(config.check_config(), store, stats)
     if streamed is not None:                   # one decoder layer on the device at a time
         source, batches = streamed
+        precision = "float32"                  # the streamed check runs its layers as read
         chosen, record = choose_plan(plan, reference, lambda plans: streamed_rounds(
             source, plans, fits, split_rounds(batches, per_round)))
     else:
         dense, adapter, batches, teacher = check_inputs(config.check_config(), store, stats)
+        precision = resolve_precision(config.check_precision,
+                                      str(next(dense.parameters()).device))
         chosen, record = choose_plan(plan, reference, lambda plans: calibration_rounds(
-            dense, pruned_copies(dense, adapter, plans, fits), split_rounds(batches, per_round),
-            teacher))
-    record["streamed"] = streamed is not None
+            dense, [in_precision(student, precision)
+                    for student in pruned_copies(dense, adapter, plans, fits)],
+            split_rounds(batches, per_round), teacher))
+    record.update(streamed=streamed is not None, precision=precision)
     log.info("allocate %s at %.2f: KL to dense %.4f (plan) vs %.4f (uniform MLP-only) on %d "
              "of %d check sequences: kept the %s", method, config.sparsity, record["candidate"],
              record["reference"], record["sequences"], config.check_sequences,

@@ -46,7 +46,7 @@ def _streamed(config: AllocateConfig, stats: Artifact):
     return None if source is None else (source, load_tokenizer(path))
 
 
-_CHECKS: dict[tuple, tuple] = {}    # the last kl_check set: (batches, dense teacher)
+_CHECKS: dict[tuple, tuple] = {}    # the last kl_check set: (model or None, batches, teacher)
 _CHECKS_LOCK = threading.Lock()
 
 
@@ -55,21 +55,33 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     on its batches (``gprune.maths.plan_check.dense_teacher``). The batches and the teacher
     depend only on the stats and the check settings, so the targets of one sweep share
     them: the last set is kept in this process (the dense final hidden states, and as many
-    of the dense side's KL terms as half a memo's budget holds)."""
+    of the dense side's KL terms as half a memo's budget holds), and with it the dense
+    model itself (read only: the check prunes copies) when it is no larger than a memo's
+    budget."""
     from artifacts.memo import default_budget
     from gprune.maths.plan_check import dense_teacher
+    from gprune.models.loader import resolve_device
 
-    model, tokenizer, adapter = dense_model(config, stats)
     key = (str(store.root.resolve()), stats.key, config.n_sequences, config.seq_len,
-           config.batch_size, config.seed, str(next(model.parameters()).device))
+           config.batch_size, config.seed, resolve_device(config.device))
     with _CHECKS_LOCK:                  # concurrent targets wait for one teacher
         if key not in _CHECKS:
-            batches = check_batches(store, stats, tokenizer, config)
             _CHECKS.clear()
-            _CHECKS[key] = (batches, dense_teacher(model, batches,
-                                                   keep_bytes=default_budget() // 2))
-        batches, teacher = _CHECKS[key]
+            loaded = dense_model(config, stats)
+            batches = check_batches(store, stats, loaded[1], config)
+            teacher = dense_teacher(loaded[0], batches, keep_bytes=default_budget() // 2)
+            small = _model_bytes(loaded[0]) <= default_budget()
+            _CHECKS[key] = (loaded if small else None, batches, teacher)
+            model, tokenizer, adapter = loaded
+        else:
+            kept, batches, teacher = _CHECKS[key]
+            model, tokenizer, adapter = kept if kept is not None else dense_model(config, stats)
+            torch.manual_seed(config.seed)      # as a fresh load leaves it
     return model, adapter, batches, teacher
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def streamed_check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):

@@ -144,6 +144,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         prefect_api, tmp_path, monkeypatch):
     from flows.gprune_flow import gprune_flow
     from gprune.errors import ConfigError
+    from gprune.maths.precision import resolve_precision
     from tasks.allocate import run_allocate
 
     config = dict(model="tiny:llama", sources=["wikipedia", "code"], sparsities=[0.2, 0.4],
@@ -157,6 +158,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         chosen = record[record["chosen"]]
         assert chosen <= record["reference"]
         assert 3 <= record["sequences"] <= 16 and isinstance(record["decisive"], bool)
+        assert record["precision"] == resolve_precision("auto", "cpu") and not record["streamed"]
         plan = json.loads((store.path(key) / "plan.json").read_text())
         if record["chosen"] == "reference":       # every head kept, MLP uniform
             assert all(len(l["heads_keep"]) == plan["dense"]["heads"] for l in plan["layers"])
@@ -166,6 +168,26 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         run_allocate(AllocateConfig(sparsity=0.3, allocator="uniform", kl_check=True), store,
                      art.manifest["inputs"]["score"], art.manifest["inputs"]["stats"])
     surgery_reuses_the_checked_refits(store, art, monkeypatch)
+    check_inputs_keep_a_small_dense_model(store, art, monkeypatch)
+
+
+def check_inputs_keep_a_small_dense_model(store, plan: "Artifact", monkeypatch) -> None:
+    """The targets of a sweep share the check's dense model (when it fits a memo's budget),
+    its batches and its teacher; a larger model is loaded again for each target."""
+    import tasks.learning as learning
+    from gprune.configs.allocate import AllocateConfig
+
+    stats = store.read(plan.manifest["inputs"]["stats"])
+    config = AllocateConfig(sparsity=0.3, kl_check=True, check_sequences=3, check_seq_len=32,
+                            device="cpu").check_config()
+    learning._CHECKS.clear()
+    first, second = (learning.check_inputs(config, store, stats) for _ in range(2))
+    assert second[0] is first[0] and second[2] is first[2] and second[3] is first[3]
+    monkeypatch.setattr("artifacts.memo.default_budget", lambda: 0)
+    learning._CHECKS.clear()
+    first, second = (learning.check_inputs(config, store, stats) for _ in range(2))
+    assert second[0] is not first[0] and second[3] is first[3]
+    assert all(torch.equal(a, b) for a, b in zip(first[0].parameters(), second[0].parameters()))
 
 
 def surgery_reuses_the_checked_refits(store, plan: "Artifact", monkeypatch) -> None:

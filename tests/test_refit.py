@@ -53,17 +53,20 @@ def test_refit_equals_ridge_least_squares_solved_directly():
     assert got.condition > 1
 
 
-def test_residual_from_a_given_dense_energy_equals_the_computed_one():
-    from gprune.maths.refit import dense_energy, dense_map
+def test_refit_from_dense_products_equals_the_plain_refit_and_brute_force():
+    from gprune.maths.refit import dense_map, dense_products
 
     x, w, b = sample()
     gram, keep = normalized(gram_of(x)), torch.tensor([1, 4, 5, 8])
     plain = lsq_refit(w, b, gram, keep, 1e-3)
-    given = lsq_refit(w, b, gram, keep, 1e-3, energy=dense_energy(dense_map(w, b), gram))
-    assert torch.equal(plain.per_output, given.per_output)
+    given = lsq_refit(w, b, gram, keep, 1e-3, products=dense_products(dense_map(w, b), gram))
+    assert torch.allclose(plain.weight, given.weight, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(plain.bias, given.bias, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(plain.per_output, given.per_output, rtol=1e-7, atol=1e-12)
     y = x @ w.T + b                                                      # (n, out) brute force
-    fitted = x[:, keep] @ plain.weight.T + plain.bias
-    assert plain.residual == pytest.approx(float(((y - fitted) ** 2).sum(1).mean()), rel=1e-6)
+    for got in (plain, given):
+        fitted = x[:, keep] @ got.weight.T + got.bias
+        assert got.residual == pytest.approx(float(((y - fitted) ** 2).sum(1).mean()), rel=1e-6)
 
 
 def test_memoized_fits_solve_each_refit_once_and_hand_out_copies():
@@ -82,13 +85,13 @@ def test_memoized_fits_solve_each_refit_once_and_hand_out_copies():
     want = lsq_fits(lambda layer, kind: gram, 1e-3, plain_report)(2, "mlp")(w, b, keep)
     fit = lsq_fits(lambda layer, kind: gram, 1e-3, memo_report, memo=memo)(2, "mlp")
     first, second = fit(w, b, keep), fit(w, b, keep)
-    assert computed == ["refit", "energy"]                 # the second call solved nothing
+    assert computed == ["refit", "products"]               # the second call solved nothing
     for got in (first, second):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert first[0] is not second[0]                       # the memo's tensors stay its own
     assert memo_report == plain_report * 2
-    fit(w, b, torch.tensor([0, 3, 5]))                     # another kept set: solved, same energy
-    assert computed == ["refit", "energy", "refit"]
+    fit(w, b, torch.tensor([0, 3, 5]))                     # another kept set: same products
+    assert computed == ["refit", "products", "refit"]
 
 
 def test_keeping_every_channel_reproduces_the_dense_map():

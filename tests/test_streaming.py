@@ -259,7 +259,7 @@ def test_plans_from_streamed_captures_equal_in_memory(tmp_path):
         checked = run_allocate(
             AllocateConfig(sparsity=0.4, allocator="uniform", prune_attention=True,
                            kl_check=True, check_sequences=2, check_seq_len=32, device="cpu",
-                           stream=stream),
+                           stream=stream, check_precision="float32"),   # as streamed runs
             store, plan.manifest["inputs"]["score"], stats, method="gprune",
             reconstruct="lsq", gram_keys=grams)
         checks[stream] = store.read(checked).extra["kl_check"]

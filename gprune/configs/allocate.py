@@ -41,6 +41,10 @@ class AllocateConfig(StageConfig):
     check_seq_len: int = Field(256, ge=8, description="kl_check: tokens per sequence (more, "
                                "shorter sequences let its sequential test stop sooner at the "
                                "same tokens; measured with heads kept: docs/METHOD_NOTES.md)")
+    check_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="kl_check: the pruned copies' matrix products (auto: bfloat16 "
+        "where the device has native bfloat16, e.g. AMX CPUs and CUDA GPUs, else float32; "
+        "the dense side stays float32; gprune.maths.precision)")
     allocator_params: dict = Field(default_factory=dict, description="the method's own "
                                    "settings of its allocator (e.g. gisp's schedule); part "
                                    "of the path's and the plan's key when not empty")
@@ -86,7 +90,7 @@ class AllocateConfig(StageConfig):
         from gprune.methods.allocators import allocator
 
         if not self.kl_check:
-            for name in ("kl_check", "check_sequences", "check_seq_len"):
+            for name in ("kl_check", "check_sequences", "check_seq_len", "check_precision"):
                 params.pop(name)
         if not (allocator(self.allocator).needs_gram or self.kl_check):
             params.pop("ridge")

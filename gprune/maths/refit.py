@@ -52,31 +52,46 @@ def normalized(gram: torch.Tensor) -> torch.Tensor:
     return gram.to(torch.float64) / count
 
 
+@dataclass(frozen=True)
+class DenseProducts:
+    """What a projection's refits share whatever the kept set: G A^T and diag(A G A^T)."""
+    cross: torch.Tensor       # (d+1, out) G A^T: its rows S are the normal equations' rhs
+    energy: torch.Tensor      # (out,) each dense output's mean square (``dense_energy``)
+
+
+def dense_products(a: torch.Tensor, g: torch.Tensor) -> DenseProducts:
+    """``DenseProducts`` of A (out, d+1) and a normalized Gram G (d+1, d+1)."""
+    cross = g @ a.T                                                       # (d+1, out)
+    return DenseProducts(cross, (a * cross.T).sum(1))                     # diag(A G A^T)
+
+
 def lsq_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
               keep: torch.Tensor, ridge: float, condition: bool = True,
-              residual: bool = True, energy: torch.Tensor | None = None) -> Refit:
+              residual: bool = True, products: DenseProducts | None = None) -> Refit:
     """Refit the kept columns ``keep`` (k,) and the bias; ``gram`` (d+1, d+1) normalized.
     ``condition``: also compute the damped kept Gram's condition number (else NaN);
     ``residual``: also the residual (else NaN, and ``per_output`` NaN: it costs one more
-    (out, d) x (d, d) product, as much as the solve's right-hand side, unless ``energy``,
-    the plan-independent ``dense_energy`` of this projection and Gram, is given)."""
+    (out, d) x (d, d) product, as much as the solve's right-hand side). ``products``: this
+    projection's ``dense_products`` with this Gram, which give the right-hand side and the
+    residual's dense term without a (k, d) x (d, out) product."""
     a = dense_map(weight, bias)                                           # (out, d+1)
     g = gram.to(device=a.device, dtype=torch.float64)                     # (d+1, d+1)
     d = a.shape[1] - 1
     s = torch.cat([keep.to(device=a.device, dtype=torch.long),
                    torch.tensor([d], device=a.device)])                   # (k+1,)
-    g_s = g[s]                                                            # (k+1, d+1)
-    g_ss = g_s[:, s]                                                      # (k+1, k+1)
+    g_ss = g[s[:, None], s]                                               # (k+1, k+1)
     k = s.numel() - 1
     lam = ridge * g_ss.diagonal()[:k].mean().clamp_min(1e-30) if k else g_ss.new_tensor(0.0)
     damp = torch.zeros(k + 1, dtype=torch.float64, device=a.device)
     damp[:k] = lam
     lhs = g_ss + torch.diag(damp)                                         # (k+1, k+1)
-    rhs = g_s @ a.T                                                       # (k+1, out)
+    rhs = (g[s] @ a.T if products is None
+           else products.cross[s].to(a.device))                          # (k+1, out)
     factor, info = torch.linalg.cholesky_ex(lhs)                         # SPD when damped
     skipped = torch.full((a.shape[0],), float("nan"), dtype=torch.float64, device=a.device)
     if int(info) == 0:
         b_t = torch.cholesky_solve(rhs, factor)                           # (k+1, out)
+        energy = None if products is None else products.energy
         per_output = solved_residual(a, g, b_t, rhs, damp, energy) if residual else skipped
         estimate = cholesky_condition(factor)
     else:

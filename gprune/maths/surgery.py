@@ -25,7 +25,7 @@ from torch import nn
 
 from gprune.errors import ConfigError
 from gprune.maths.plan import LayerPlan, PruningPlan
-from gprune.maths.refit import bias_refit, dense_energy, dense_map, lsq_refit
+from gprune.maths.refit import bias_refit, dense_map, dense_products, lsq_refit
 from gprune.models.adapters import FamilyAdapter, ModelShape
 
 Means = Mapping[tuple[int, str], torch.Tensor]   # (layer, "mlp"|"attn") -> (channels,)
@@ -167,14 +167,15 @@ def lsq_fits(gram_of: Callable[[int, str], torch.Tensor], ridge: float,
     """Least-squares refits from ``gram_of(layer, kind)`` (normalized (d+1, d+1) Grams);
     appends each projection's residual (NaN unless ``residual``) and condition number to
     ``report``. ``memo``: remembers each refit (by the dense weights, the kept columns and
-    the ridge) and each projection's plan-independent ``dense_energy``, so a plan refit
-    twice in one process (the KL check, then surgery) is solved once."""
+    the ridge) and each projection's plan-independent ``dense_products``, so a plan refit
+    twice in one process (the KL check, then surgery) is solved once and every plan's
+    refit of a projection starts from the same products."""
     def fits(layer: int, kind: str) -> Fit:
         def fit(weight, bias, keep):
             if memo is None:
                 result = _solved(layer, kind, weight, bias, keep, None)
             else:
-                dense = tensor_digest(dense_map(weight, bias))   # its values, whatever dtype
+                dense = dense_digest(weight, bias)
                 result = memo(layer, kind, ("refit", dense, tensor_digest(keep), ridge, residual),
                               lambda: _solved(layer, kind, weight, bias, keep, dense))
             report.append({"layer": layer, "kind": kind, "kept": int(keep.numel()),
@@ -185,17 +186,22 @@ def lsq_fits(gram_of: Callable[[int, str], torch.Tensor], ridge: float,
         return fit
 
     def _solved(layer, kind, weight, bias, keep, dense: str | None):
-        """The refit; ``dense``: the weights' digest, when the memo holds their energy."""
+        """The refit; ``dense``: the weights' digest, when the memo holds their products."""
         gram = gram_of(layer, kind)
-        energy = (memo(layer, kind, ("energy", dense),
-                       lambda: dense_energy(dense_map(weight, bias),
-                                            gram.to(weight.device, torch.float64)))
-                  if dense is not None and residual else None)
+        def computed():
+            return dense_products(dense_map(weight, bias), gram.to(weight.device, torch.float64))
+        products = computed() if dense is None else memo(layer, kind, ("products", dense), computed)
         try:
-            return lsq_refit(weight, bias, gram, keep, ridge, residual=residual, energy=energy)
+            return lsq_refit(weight, bias, gram, keep, ridge, residual=residual,
+                             products=products)
         except ValueError as err:
             raise ConfigError(f"layer {layer} {kind}: {err}") from err
     return fits
+
+
+def dense_digest(weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """A digest of a projection's weights and bias (None: no bias) as they are stored."""
+    return tensor_digest(weight) + ("" if bias is None else tensor_digest(bias))
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
