@@ -14,7 +14,7 @@ Defaults are the pipeline's (``make run``): 4 sources x 8 x 512 capture tokens, 
 with its default (learned path, learned once and shared by every target; per target the
 allocate stage's KL check and the lsq refit at surgery). The shared part grows with
 the capture budget (sources x sequences x seq-len), the per-target part with the
-allocator (``--allocator learned`` learns once per target) and surgery. About 13 minutes
+allocator (``--allocator learned`` learns once per target) and surgery. About 7 minutes
 on a 2-core CPU.
 """
 from __future__ import annotations
