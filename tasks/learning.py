@@ -67,17 +67,18 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     with _CHECKS_LOCK:                  # concurrent targets wait for one teacher
         if key not in _CHECKS:
             _CHECKS.clear()
-            loaded = dense_model(config, stats)
-            batches = check_batches(store, stats, loaded[1], config)
-            teacher = dense_teacher(loaded[0], batches, keep_bytes=default_budget() // 2)
-            small = _model_bytes(loaded[0]) <= default_budget()
-            _CHECKS[key] = (loaded if small else None, batches, teacher)
-            model, tokenizer, adapter = loaded
-        else:
-            kept, batches, teacher = _CHECKS[key]
-            model, tokenizer, adapter = kept if kept is not None else dense_model(config, stats)
-            torch.manual_seed(config.seed)      # as a fresh load leaves it
-    return model, adapter, batches, teacher
+            model, tokenizer, adapter = dense_model(config, stats)
+            batches = check_batches(store, stats, tokenizer, config)
+            teacher = dense_teacher(model, batches, keep_bytes=default_budget() // 2)
+            small = _model_bytes(model) <= default_budget()
+            _CHECKS[key] = ((model, tokenizer, adapter) if small else None, batches, teacher)
+            return model, adapter, batches, teacher
+        kept, batches, teacher = _CHECKS[key]
+    if kept is None:                    # too large to keep: loaded again (and seeded)
+        kept = dense_model(config, stats)
+    else:
+        torch.manual_seed(config.seed)  # as a fresh load leaves it
+    return kept[0], kept[2], batches, teacher
 
 
 def _model_bytes(model: torch.nn.Module) -> int:
