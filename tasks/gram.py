@@ -193,7 +193,7 @@ _VERIFIED: set[tuple] = set()   # layer files whose sha256 matched, by (path, in
 
 
 _POOLED = TensorMemo(default_budget())   # pooled Grams, by the files they were read from
-_DERIVED = TensorMemo(default_budget() // 2)   # refits and dense energies, by the same files
+_DERIVED = TensorMemo(default_budget() // 2)   # refits and dense products, by the same files
 
 
 def _verified_file(art: Artifact, layer: int) -> tuple[Path, tuple]:

@@ -58,7 +58,7 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     of the dense side's KL terms as half a memo's budget holds), and with it the dense
     model itself (read only: the check prunes copies) when it is no larger than a memo's
     budget."""
-    from artifacts.memo import default_budget
+    from artifacts.memo import default_budget, nbytes
     from gprune.maths.plan_check import dense_teacher
     from gprune.models.loader import resolve_device
 
@@ -70,7 +70,7 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
             model, tokenizer, adapter = dense_model(config, stats)
             batches = check_batches(store, stats, tokenizer, config)
             teacher = dense_teacher(model, batches, keep_bytes=default_budget() // 2)
-            small = _model_bytes(model) <= default_budget()
+            small = nbytes(list(model.parameters())) <= default_budget()
             _CHECKS[key] = ((model, tokenizer, adapter) if small else None, batches, teacher)
             return model, adapter, batches, teacher
         kept, batches, teacher = _CHECKS[key]
@@ -79,10 +79,6 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     else:
         torch.manual_seed(config.seed)  # as a fresh load leaves it
     return kept[0], kept[2], batches, teacher
-
-
-def _model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def streamed_check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
