@@ -64,7 +64,8 @@ COMPETITORS = (*BASELINES, *FANG, "gisp")   # what gprune's headline ratio compa
 GROUPS = ("main", "mlp_only", "single", "gisp", "margin", "ablations")
 SEEDED = ("main", "mlp_only")   # groups run at every seed; the others at the first only
 ABLATIONS = ("k=4", "k=4,gate=true", "heads=true", "aggregate=normalized_mean",
-             "allocator=uniform", "k=4,gate=true,aggregate=normalized_mean,heads=true")
+             "allocator=uniform", "k=4,gate=true,aggregate=normalized_mean,heads=true",
+             "refine=1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,6 +21,7 @@ from gprune.maths.budget import check_target
 from gprune.maths.plan import LayerPlan, PruningPlan
 from gprune.methods.allocators import AllocationInputs, allocator
 from gprune.models.adapters import ModelShape
+from tasks.allocate_refine import refine_allocation
 from tasks.base import run_stage, runtime_code, stage_spec
 from tasks.learning import learning_inputs
 
@@ -64,8 +65,14 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
             mlp_floor=config.mlp_floor, params=config.allocator_params)
         fractions, history = chosen.fractions(inputs)
         alloc = chosen.allocation(fractions, inputs)
-        plan = _plan(config, stats, chosen.ranked(scores, inputs), alloc, shape, method,
-                     reconstruct, score_key)
+        ranked = chosen.ranked(scores, inputs)
+        make_plan = lambda a: _plan(config, stats, ranked, a, shape, method,  # noqa: E731
+                                    reconstruct, score_key)
+        if config.kl_check and config.refine_steps:
+            fractions, alloc, out.extra["refine"] = refine_allocation(
+                config, store, stats, shape, fractions, alloc, _fits(config, store, gram_keys),
+                make_plan)
+        plan = make_plan(alloc)
         if config.kl_check:
             plan = _checked(plan, config, store, stats, scores, shape, method, reconstruct,
                             score_key, gram_keys, out.extra)
@@ -118,11 +125,8 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     from gprune.maths.plan_check import (calibration_rounds, choose_plan, pruned_copies,
                                          split_rounds)
     from gprune.maths.precision import in_precision, resolve_precision
-    from gprune.maths.surgery import lsq_fits
     from gprune.maths.streamed_check import streamed_rounds
     from tasks.learning import check_inputs, streamed_check_inputs
-    from tasks.gram import gram_memo
-    from tasks.path import gram_reader
 
     try:
         reference = _plan(config, stats, scores, project(
@@ -131,9 +135,7 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     except (ConfigError, ValueError) as err:     # the target needs heads removed
         extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
         return plan
-    grams = sorted(gram_keys)           # surgery's order: the same pooled sums, the same memo
-    fits = lsq_fits(gram_reader(store, grams, remember=2), config.ridge, [],
-                    memo=gram_memo(store, grams))  # surgery finds the chosen plan's refits
+    fits = _fits(config, store, gram_keys)
     per_round = max(3, len(stats.extra["capture_keys"]))     # every source once a round
     streamed = streamed_check_inputs(config.check_config(), store, stats)
     if streamed is not None:                   # one decoder layer on the device at a time
@@ -156,6 +158,17 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
              "plan" if record["chosen"] == "candidate" else "uniform MLP-only plan")
     extra["kl_check"] = record
     return chosen
+
+
+def _fits(config: AllocateConfig, store: ArtifactStore, gram_keys: list[str]):
+    """The lsq refits of the check (and the refinement) from the sources' Grams."""
+    from gprune.maths.surgery import lsq_fits
+    from tasks.gram import gram_memo
+    from tasks.path import gram_reader
+
+    grams = sorted(gram_keys)           # surgery's order: the same pooled sums, the same memo
+    return lsq_fits(gram_reader(store, grams, remember=2), config.ridge, [],
+                    memo=gram_memo(store, grams))  # surgery finds the chosen plan's refits
 
 
 def _check_grid(config: AllocateConfig, grid: list[float]) -> None:

@@ -46,30 +46,36 @@ def _streamed(config: AllocateConfig, stats: Artifact):
     return None if source is None else (source, load_tokenizer(path))
 
 
-_CHECKS: dict[tuple, tuple] = {}    # the last kl_check set: (model or None, batches, teacher)
+_CHECKS: dict[tuple, tuple] = {}    # batch settings -> (model or None, batches, teacher)
 _CHECKS_LOCK = threading.Lock()
 
 
 def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
-    """``learning_inputs`` of the allocate stage's kl_check plus the dense model's teacher
-    on its batches (``gprune.maths.plan_check.dense_teacher``). The batches and the teacher
-    depend only on the stats and the check settings, so the targets of one sweep share
-    them: the last set is kept in this process (the dense final hidden states, and as many
-    of the dense side's KL terms as half a memo's budget holds), and with it the dense
-    model itself (read only: the check prunes copies) when it is no larger than a memo's
-    budget."""
+    """``learning_inputs`` of the allocate stage's kl_check (or of its refinement: any
+    batch settings) plus the dense model's teacher on its batches
+    (``gprune.maths.plan_check.dense_teacher``). The batches and the teacher depend only on
+    the stats and the batch settings, so the targets of one sweep share them: the sets of
+    the last model are kept in this process (the dense final hidden states, and as many of
+    the dense side's KL terms as half a memo's budget holds, a quarter for a second set),
+    and with
+    them the dense model itself (read only: the check prunes copies) when it is no larger
+    than a memo's budget."""
     from artifacts.memo import default_budget, nbytes
     from gprune.maths.plan_check import dense_teacher
     from gprune.models.loader import resolve_device
 
-    key = (str(store.root.resolve()), stats.key, config.n_sequences, config.seq_len,
-           config.batch_size, config.seed, resolve_device(config.device))
+    model_key = (str(store.root.resolve()), stats.key, resolve_device(config.device))
+    key = (*model_key, config.n_sequences, config.seq_len, config.batch_size, config.seed)
     with _CHECKS_LOCK:                  # concurrent targets wait for one teacher
         if key not in _CHECKS:
-            _CHECKS.clear()
-            model, tokenizer, adapter = dense_model(config, stats)
+            if any(other[:3] != model_key for other in _CHECKS):
+                _CHECKS.clear()
+            kept = next((entry[0] for entry in _CHECKS.values()), None)
+            model, tokenizer, adapter = kept or dense_model(config, stats)
+            torch.manual_seed(config.seed)
             batches = check_batches(store, stats, tokenizer, config)
-            teacher = dense_teacher(model, batches, keep_bytes=default_budget() // 2)
+            teacher = dense_teacher(model, batches,    # half a budget, a quarter with two
+                                    keep_bytes=default_budget() // (4 if _CHECKS else 2))
             small = nbytes(list(model.parameters())) <= default_budget()
             _CHECKS[key] = ((model, tokenizer, adapter) if small else None, batches, teacher)
             return model, adapter, batches, teacher

@@ -148,7 +148,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
     from tasks.allocate import run_allocate
 
     config = dict(model="tiny:llama", sources=["wikipedia", "code"], sparsities=[0.2, 0.4],
-                  methods=["gprune"], capture_sequences=2, capture_seq_len=32,
+                  methods=["gprune:refine=1"], capture_sequences=2, capture_seq_len=32,
                   capture_batch_size=2, evaluate=False, device="cpu")
     result = gprune_flow(config=config, store=str(tmp_path / "store"))
     store = ArtifactStore(tmp_path / "store")
@@ -159,6 +159,9 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         assert chosen <= record["reference"]
         assert 3 <= record["sequences"] <= 16 and isinstance(record["decisive"], bool)
         assert record["precision"] == resolve_precision("auto", "cpu") and not record["streamed"]
+        refine = store.read(key).extra["refine"]      # one step on 8 sequences
+        assert refine["steps"] == 1 and refine["sequences"] == 8 and refine["extra"] >= 1
+        assert len(refine["gains"][0]) == plan_layers(store, key)
         plan = json.loads((store.path(key) / "plan.json").read_text())
         if record["chosen"] == "reference":       # every head kept, MLP uniform
             assert all(len(l["heads_keep"]) == plan["dense"]["heads"] for l in plan["layers"])
@@ -169,6 +172,10 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
                      art.manifest["inputs"]["score"], art.manifest["inputs"]["stats"])
     surgery_reuses_the_checked_refits(store, art, monkeypatch)
     check_inputs_keep_a_small_dense_model(store, art, monkeypatch)
+
+
+def plan_layers(store, key: str) -> int:
+    return len(json.loads((store.path(key) / "plan.json").read_text())["layers"])
 
 
 def check_inputs_keep_a_small_dense_model(store, plan: "Artifact", monkeypatch) -> None:

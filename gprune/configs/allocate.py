@@ -45,6 +45,14 @@ class AllocateConfig(StageConfig):
         "auto", description="kl_check: the pruned copies' matrix products (auto: bfloat16 "
         "where the device has native bfloat16, e.g. AMX CPUs and CUDA GPUs, else float32; "
         "the dense side stays float32; gprune.maths.precision)")
+    refine_steps: int = Field(0, ge=0, le=8, description="kl_check: first-order steps that "
+                              "move each layer's MLP channel count by the refit model's "
+                              "calibration KL before the check (gprune.maths.refine); 0: off")
+    refine_extra: float = Field(0.05, gt=0, lt=1, description="refine: the channels added to "
+                                "each layer in the estimate, and the largest move of a step "
+                                "in standard deviations, as a fraction of the layer's channels")
+    refine_sequences: int = Field(8, ge=1, description="refine: calibration sequences of "
+                                  "check_seq_len tokens (drawn with seed + 2: not the check's)")
     allocator_params: dict = Field(default_factory=dict, description="the method's own "
                                    "settings of its allocator (e.g. gisp's schedule); part "
                                    "of the path's and the plan's key when not empty")
@@ -92,6 +100,9 @@ class AllocateConfig(StageConfig):
         if not self.kl_check:
             for name in ("kl_check", "check_sequences", "check_seq_len", "check_precision"):
                 params.pop(name)
+        if not (self.kl_check and self.refine_steps):
+            for name in ("refine_steps", "refine_extra", "refine_sequences"):
+                params.pop(name)
         if not (allocator(self.allocator).needs_gram or self.kl_check):
             params.pop("ridge")
         if not self.allocator_params:
@@ -102,6 +113,11 @@ class AllocateConfig(StageConfig):
         """The settings of kl_check's batches (``tasks.learning.learning_inputs``)."""
         return self.model_copy(update={"n_sequences": self.check_sequences,
                                        "seq_len": self.check_seq_len, "seed": self.seed + 1})
+
+    def refine_config(self) -> "AllocateConfig":
+        """The settings of the refinement's batches (other sequences than the check's)."""
+        return self.model_copy(update={"n_sequences": self.refine_sequences,
+                                       "seq_len": self.check_seq_len, "seed": self.seed + 2})
 
     def learn_settings(self) -> dict:
         """Settings of a learning allocator (LearnSettings / PathSettings fields)."""

@@ -133,7 +133,8 @@ class PipelineConfig(StageConfig):
                               prune_attention=self.prune_attention and method.prunes_heads,
                               steps=self.allocator_steps,
                               allocator_params=method.allocator_params(),
-                              kl_check=method.kl_check, seed=self.seed, device=self.device,
+                              kl_check=method.kl_check, refine_steps=method.refine_steps,
+                              seed=self.seed, device=self.device,
                               stream=self.stream)
 
     def surgery_config(self, method: Method) -> SurgeryConfig:

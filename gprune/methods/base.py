@@ -150,6 +150,11 @@ class Method:
         """Whether the allocate stage checks the plan against the uniform MLP-only plan."""
         return getattr(self.params, "kl_check", False)
 
+    @property
+    def refine_steps(self) -> int:
+        """First-order refinement steps of the MLP channel counts (allocate stage)."""
+        return getattr(self.params, "refine", 0)
+
     def check_model(self, shape, allocate, choice=None) -> None:
         """One-line ConfigError when the method cannot run on a model of ``shape`` with the
         allocation settings ``allocate`` (an AllocateConfig) and the run's multiple-choice

@@ -7,11 +7,13 @@ heads are kept (``heads=false``: removing them cost the never-seen domains far m
 any calibration objective showed); MLP keep fractions per layer come from a learned path
 (one learning run serves every target), kept only when, refit by least squares, it is no
 worse in KL to dense on held-apart calibration tokens than the uniform MLP-only plan
-(``kl_check``). METHOD.md's partition into K behaviour-consistent modules and its
-reliability gate remain parameters (``gprune:k=4,gate=true,aggregate=normalized_mean`` is
-the paper's reading): on SmolLM2 the partition made held-out perplexity worse and the gate
-switched no module. Ablations: ``gprune:k=4``, ``gprune:gate=true``,
-``gprune:heads=true``, ``gprune:allocator=uniform``, ``gprune:kl_check=false``.
+(``kl_check``); ``gprune:refine=1`` first moves each layer's count by one first-order
+step of the refit model's calibration KL (``gprune.maths.refine``). METHOD.md's partition
+into K behaviour-consistent modules and its reliability gate remain parameters
+(``gprune:k=4,gate=true,aggregate=normalized_mean`` is the paper's reading): on SmolLM2
+the partition made held-out perplexity worse and the gate switched no module. Ablations:
+``gprune:k=4``, ``gprune:gate=true``, ``gprune:heads=true``, ``gprune:allocator=uniform``,
+``gprune:kl_check=false``, ``gprune:refine=1``.
 """
 from __future__ import annotations
 
@@ -44,12 +46,23 @@ class GpruneParams(ReconstructionParams):
     kl_check: bool = Field(True, description="keep the uniform MLP-only plan (same refit) "
                            "when the allocator's plan has a higher KL to dense on held-apart "
                            "calibration tokens (allocate stage; needs reconstruct=lsq)")
+    refine: int = Field(0, ge=0, le=8, description="first-order steps moving each layer's "
+                        "MLP channel count by the refit model's calibration KL before the "
+                        "kl_check (gprune.maths.refine; 1 measured 1-2% better held-out, at "
+                        "about 15 s a target on SmolLM2: docs/METHOD_NOTES.md); 0: off. Used "
+                        "with kl_check, heads=false and k=1 only")
 
 
 class Gprune(Method):
     name = "gprune"
     summary = "GPrune-LLM: peak-over-sources scores, heads kept, learned path, lsq refit"
     Params = GpruneParams
+
+    @property
+    def refine_steps(self) -> int:
+        """``refine`` where it applies: with the kl_check, every head kept, one module a layer."""
+        p = self.params
+        return p.refine if p.kl_check and not p.heads and p.k == 1 else 0
 
     def partition_config(self) -> PartitionConfig:
         return PartitionConfig(k=self.params.k, metric=signal_of(self.params.metric))
