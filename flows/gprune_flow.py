@@ -178,7 +178,8 @@ def _targets(config: PipelineConfig, root: str, stats_key,
     scored: dict[str, Any] = {}
     scores = {m.label: _score(config, root, stats_key, m, scored, contexts_of(m))
               for m in methods}
-    gram_path = {m.label: allocator(m.allocator).needs_gram for m in methods}
+    gram_path = {m.label: allocator(m.allocator).needs_gram
+                 or config.allocate_config(m, 0.5).path_refines for m in methods}
     paths = {m.label: _path(config, root, stats_key, scores[m.label], m, None)
              for m in methods if not gram_path[m.label]}
     gram_keys = submit_grams()                                  # source -> future, or {}
@@ -210,10 +211,8 @@ def _path(config: PipelineConfig, root: str, stats_key, score_key, method: Metho
         return None
     # the path does not depend on the target: a fixed placeholder keeps the task's Prefect
     # cache key independent of the run's sparsities
-    needs_gram = allocator(method.allocator).needs_gram
     return stages.path.submit(config.allocate_config(method, 0.5), root, score_key, stats_key,
-                              method.label, force=config.forced("path"),
-                              gram_keys=grams if needs_gram else None)
+                              method.label, force=config.forced("path"), gram_keys=grams)
 
 
 def _score(config: PipelineConfig, root: str, stats_key, method: Method, scored: dict,

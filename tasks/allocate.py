@@ -19,6 +19,7 @@ from gprune.errors import ArtifactError, ConfigError
 from gprune.maths.allocate import harden, project
 from gprune.maths.budget import check_target
 from gprune.maths.plan import LayerPlan, PruningPlan
+from gprune.maths.refine import corrected
 from gprune.methods.allocators import AllocationInputs, allocator
 from gprune.models.adapters import ModelShape
 from tasks.allocate_refine import refine_allocation
@@ -64,14 +65,17 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
             learning=lambda: learning_inputs(config, store, stats),
             mlp_floor=config.mlp_floor, params=config.allocator_params)
         fractions, history = chosen.fractions(inputs)
+        refined = _path_corrections(store, path_key)
+        if refined is not None:            # refined by the path stage at its grid points
+            fractions = corrected(fractions, refined, config.sparsity)
         alloc = chosen.allocation(fractions, inputs)
         ranked = chosen.ranked(scores, inputs)
-        make_plan = lambda a: _plan(config, stats, ranked, a, shape, method,  # noqa: E731
-                                    reconstruct, score_key)
-        if config.kl_check and config.refine_steps:
+        make_plan = lambda a: build_plan(config, stats, ranked, a, shape, method,  # noqa: E731
+                                         reconstruct, score_key)
+        if refined is None and config.kl_check and config.refine_steps:
             fractions, alloc, out.extra["refine"] = refine_allocation(
-                config, store, stats, shape, fractions, alloc, _fits(config, store, gram_keys),
-                make_plan)
+                config, store, stats, shape, fractions, alloc,
+                lsq_check_fits(config, store, gram_keys), make_plan)
         plan = make_plan(alloc)
         if config.kl_check:
             plan = _checked(plan, config, store, stats, scores, shape, method, reconstruct,
@@ -90,6 +94,16 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
     return run_stage(store, "allocate", spec, build, force)
 
 
+def _path_corrections(store: ArtifactStore, path_key: str | None) -> pd.DataFrame | None:
+    """The path stage's refinement at its grid points (``refine.parquet``), if it refined."""
+    if not path_key:
+        return None
+    path = store.read(path_key, stage="path")
+    if "refine.parquet" not in path.manifest.get("files", {}):
+        return None
+    return pd.read_parquet(path.file("refine.parquet"))
+
+
 def _check_path(chosen, path_key: str | None) -> None:
     if chosen.uses_path and not path_key:
         raise ConfigError(f"allocator {chosen.name} reads a learned path: run "
@@ -106,7 +120,7 @@ def _path_table(store: ArtifactStore, path_key: str | None, config: AllocateConf
     return pd.read_parquet(path.file("path.parquet"))
 
 
-def _plan(config, stats, scores, alloc, shape, method, reconstruct, score_key):
+def build_plan(config, stats, scores, alloc, shape, method, reconstruct, score_key):
     layers = tuple(LayerPlan(l["layer"], tuple(l["mlp_keep"]), tuple(l["heads_keep"]),
                              tuple(l["kv_keep"])) for l in harden(scores, alloc, shape))
     return PruningPlan(
@@ -129,13 +143,13 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     from tasks.learning import check_inputs, streamed_check_inputs
 
     try:
-        reference = _plan(config, stats, scores, project(
+        reference = build_plan(config, stats, scores, project(
             uniform_fractions(scores, shape, config.sparsity, False), shape, config.sparsity,
             config.mlp_floor, False), shape, method, reconstruct, score_key)
     except (ConfigError, ValueError) as err:     # the target needs heads removed
         extra["kl_check"] = {"skipped": f"no uniform MLP-only plan at this target: {err}"}
         return plan
-    fits = _fits(config, store, gram_keys)
+    fits = lsq_check_fits(config, store, gram_keys)
     per_round = max(3, len(stats.extra["capture_keys"]))     # every source once a round
     streamed = streamed_check_inputs(config.check_config(), store, stats)
     if streamed is not None:                   # one decoder layer on the device at a time
@@ -160,7 +174,7 @@ def _checked(plan, config, store, stats, scores, shape, method, reconstruct, sco
     return chosen
 
 
-def _fits(config: AllocateConfig, store: ArtifactStore, gram_keys: list[str]):
+def lsq_check_fits(config: AllocateConfig, store: ArtifactStore, gram_keys: list[str]):
     """The lsq refits of the check (and the refinement) from the sources' Grams."""
     from gprune.maths.surgery import lsq_fits
     from tasks.gram import gram_memo

@@ -1,23 +1,31 @@
-"""The allocate stage's refinement (``AllocateConfig.refine_steps``): each layer's MLP
-channel count moves by the refit model's calibration KL, to first order
-(``gprune.maths.refine``), before the kl_check compares the plan with the uniform MLP-only
-plan. Its batches are ``refine_sequences`` sequences drawn with seed + 2, so the check
-still judges the refined plan on sequences it was not refined on."""
+"""The refinement (``AllocateConfig.refine_steps``): each layer's MLP channel count moves by
+the refit model's calibration KL, to first order (``gprune.maths.refine``), before the
+kl_check compares the plan with the uniform MLP-only plan. Its batches are
+``refine_sequences`` sequences drawn with seed + 2, so the check still judges the refined
+plan on sequences it was not refined on.
+
+With the learned path (``AllocateConfig.path_refines``) the path stage refines once per grid
+point and stores each point's corrections (``refine.parquet``); the allocate stage adds
+them, interpolated, at its target, so the targets of a sweep share the cost. At a grid point
+the plan is the one a per-target refinement gives. Other allocators refine per target."""
 from __future__ import annotations
 
 import logging
 import time
 from typing import Callable
 
+import pandas as pd
 import torch
 
 from artifacts.store import Artifact, ArtifactStore
 from gprune.configs.allocate import AllocateConfig
 from gprune.maths.allocate import Allocation, Fractions, project
+from gprune.maths.learned_path import path_fractions
 from gprune.maths.plan import PruningPlan
 from gprune.maths.plan_check import dense_terms, pruned_copies
 from gprune.maths.precision import in_precision, resolve_precision
-from gprune.maths.refine import layer_gains, narrow_outputs, refined_fractions, widened
+from gprune.maths.refine import (corrections, layer_gains, narrow_outputs, refined_fractions,
+                                 widened)
 from gprune.maths.surgery import Fits
 from gprune.models.adapters import ModelShape
 from tasks.learning import check_inputs, streamed_check_inputs
@@ -67,6 +75,25 @@ def refine_allocation(config: AllocateConfig, store: ArtifactStore, stats: Artif
                               "sequences": sum(len(ids) for ids, _ in batches),
                               "precision": precision, "gains": gains_per_step,
                               "seconds": seconds}
+
+
+def refine_path(config: AllocateConfig, store: ArtifactStore, stats: Artifact,
+                shape: ModelShape, scores: pd.DataFrame, table: pd.DataFrame, fits: Fits,
+                make_plan: Callable[[AllocateConfig, Allocation], PruningPlan]
+                ) -> tuple[pd.DataFrame | None, dict]:
+    """(corrections at every grid point of ``config.path_grid`` or None, record)."""
+    rows, records = [], {}
+    for sparsity in config.path_grid:
+        at = config.model_copy(update={"sparsity": sparsity})
+        base = path_fractions(table, scores, shape, sparsity, False)
+        alloc = project(base, shape, sparsity, at.mlp_floor, False)
+        refined, _, record = refine_allocation(at, store, stats, shape, base, alloc, fits,
+                                               lambda a, at=at: make_plan(at, a))
+        if "skipped" in record:
+            return None, record
+        rows.append(corrections(base, refined, sparsity))
+        records[str(sparsity)] = record
+    return pd.concat(rows, ignore_index=True), {"grid": records}
 
 
 def _skipped(config: AllocateConfig, fractions: Fractions, shape: ModelShape) -> str | None:

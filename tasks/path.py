@@ -37,10 +37,12 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
     score = store.read(score_key, stage="score")
     shape = stats_shape(stats)
     inputs = {"score": score_key, "stats": stats_key}
-    if chosen.needs_gram:
+    if chosen.needs_gram or config.path_refines:
         if not gram_keys:
-            raise ConfigError(f"allocator {chosen.name} needs Gram statistics: run `gprune "
-                              "stage gram` for each calibration source first (--gram)")
+            what = (f"allocator {chosen.name}" if chosen.needs_gram
+                    else "the path's refinement (refine_steps with kl_check)")
+            raise ConfigError(f"{what} needs Gram statistics: run `gprune stage gram` for "
+                              "each calibration source first (--gram)")
         inputs["grams"] = sorted(gram_keys)
     params = {**config.path_params(), **runtime_code(chosen, "gprune.methods.allocators")}
     spec = stage_spec(stats.manifest["model"], inputs, params)
@@ -62,6 +64,12 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
                                           config, store, stats, task, n))
         table, history = chosen.learn(allocation, config.path_grid)
         table.to_parquet(out.file("path.parquet"), index=False)
+        if config.path_refines:
+            refined, out.extra["refine"] = _refined(config, store, stats, shape, score_key,
+                                                    chosen.ranked(scores, allocation), table,
+                                                    inputs["grams"])
+            if refined is not None:
+                refined.to_parquet(out.file("refine.parquet"), index=False)
         seconds = round(time.time() - started, 2)
         log.info("path: %s over targets %s in %.1fs", chosen.name, list(config.path_grid),
                  seconds)
@@ -69,6 +77,18 @@ def run_path(config: AllocateConfig, store: ArtifactStore, score_key: str, stats
                           "grid": list(config.path_grid)})
 
     return run_stage(store, "path", spec, build, force)
+
+
+def _refined(config: AllocateConfig, store: ArtifactStore, stats, shape, score_key: str,
+             scores: pd.DataFrame, table: pd.DataFrame, gram_keys: list[str]):
+    """(the path's corrections at its grid points or None, record): ``refine_path``."""
+    from tasks.allocate import build_plan, lsq_check_fits
+    from tasks.allocate_refine import refine_path
+
+    return refine_path(config, store, stats, shape, scores, table,
+                       lsq_check_fits(config, store, gram_keys),
+                       lambda at, alloc: build_plan(at, stats, scores, alloc, shape, "path",
+                                                    "lsq", score_key))
 
 
 def gram_reader(store: ArtifactStore, gram_keys: list[str] | None, remember: int = 0):

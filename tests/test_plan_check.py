@@ -159,9 +159,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
         assert chosen <= record["reference"]
         assert 3 <= record["sequences"] <= 16 and isinstance(record["decisive"], bool)
         assert record["precision"] == resolve_precision("auto", "cpu") and not record["streamed"]
-        refine = store.read(key).extra["refine"]      # one step on 8 sequences
-        assert refine["steps"] == 1 and refine["sequences"] == 8 and refine["extra"] >= 1
-        assert len(refine["gains"][0]) == plan_layers(store, key)
+        assert "refine" not in store.read(key).extra    # the path stage refined
         plan = json.loads((store.path(key) / "plan.json").read_text())
         if record["chosen"] == "reference":       # every head kept, MLP uniform
             assert all(len(l["heads_keep"]) == plan["dense"]["heads"] for l in plan["layers"])
@@ -172,10 +170,44 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
                      art.manifest["inputs"]["score"], art.manifest["inputs"]["stats"])
     surgery_reuses_the_checked_refits(store, art, monkeypatch)
     check_inputs_keep_a_small_dense_model(store, art, monkeypatch)
+    the_path_refines_as_each_target_would(store, config, result)
 
 
-def plan_layers(store, key: str) -> int:
-    return len(json.loads((store.path(key) / "plan.json").read_text())["layers"])
+def the_path_refines_as_each_target_would(store, flow_config: dict, result: dict) -> None:
+    """gprune:refine=1's path refines once per grid point (one step on 8 sequences); at a
+    target on the grid the allocate stage keeps exactly the counts a per-target refinement
+    gives."""
+    import pandas as pd
+
+    from gprune.configs.pipeline import PipelineConfig
+    from gprune.maths.allocate import project
+    from gprune.maths.learned_path import path_fractions
+    from gprune.methods.registry import build_method
+    from tasks.allocate import build_plan, lsq_check_fits, stats_shape
+    from tasks.allocate_refine import refine_allocation
+
+    key = result["plans"]["gprune:refine=1@0.2"]
+    art = store.read(key)
+    path = store.read(art.manifest["inputs"]["path"])
+    grid = path.extra["refine"]["grid"]
+    assert list(grid) == [str(s) for s in path.extra["grid"]]
+    assert all(r["steps"] == 1 and r["sequences"] == 8 and r["extra"] >= 1 for r in grid.values())
+    stats = store.read(art.manifest["inputs"]["stats"])
+    scores = pd.read_parquet(store.read(art.manifest["inputs"]["score"]).file("scores.parquet"))
+    shape = stats_shape(stats)
+    config = PipelineConfig.build(**{k: v for k, v in flow_config.items() if k != "methods"}
+                                  ).allocate_config(build_method("gprune:refine=1"), 0.2)
+    base = path_fractions(pd.read_parquet(path.file("path.parquet")), scores, shape, 0.2, False)
+    _, alloc, record = refine_allocation(
+        config, store, stats, shape, base, project(base, shape, 0.2, config.mlp_floor, False),
+        lsq_check_fits(config, store, art.manifest["inputs"]["grams"]),
+        lambda a: build_plan(config, stats, scores, a, shape, "gprune", "lsq", "x"))
+    assert len(record["gains"][0]) == shape.num_layers
+    modules = pd.read_parquet(art.file("modules.parquet"))
+    kept = {(int(r.layer), int(r.module)): int(r.kept)
+            for r in modules[modules.kind == "mlp"].itertuples()}
+    assert kept == alloc.mlp_counts and kept != project(
+        base, shape, 0.2, config.mlp_floor, False).mlp_counts
 
 
 def check_inputs_keep_a_small_dense_model(store, plan: "Artifact", monkeypatch) -> None:

@@ -126,3 +126,21 @@ def test_refined_counts_move_against_the_standardized_gains():
     assert refined.attn == fractions.attn and refined.mlp_sizes == fractions.mlp_sizes
     flat = refined_fractions(alloc, fractions, torch.zeros(3), extra=4)
     assert flat.mlp == pytest.approx(fractions.mlp)
+
+
+def test_grid_corrections_apply_exactly_at_grid_points_and_linearly_between():
+    import pandas as pd
+
+    from gprune.maths.refine import corrected, corrections
+
+    sizes = {(0, 0): 10, (1, 0): 10}
+    base = Fractions({(0, 0): 0.5, (1, 0): 0.5}, sizes, {0: 1.0, 1: 1.0})
+    table = pd.concat([corrections(base, Fractions({(0, 0): f0, (1, 0): f1}, sizes, {}), s)
+                       for s, f0, f1 in [(0.2, 0.6, 0.5), (0.4, 0.3, 0.9)]])
+    assert corrected(base, table, 0.2).mlp == pytest.approx({(0, 0): 0.6, (1, 0): 0.5})
+    assert corrected(base, table, 0.4).mlp == pytest.approx({(0, 0): 0.3, (1, 0): 0.9})
+    assert corrected(base, table, 0.3).mlp == pytest.approx({(0, 0): 0.45, (1, 0): 0.7})
+    assert corrected(base, table, 0.1).mlp == pytest.approx({(0, 0): 0.6, (1, 0): 0.5})
+    assert corrected(base, table, 0.7).mlp == pytest.approx({(0, 0): 0.3, (1, 0): 0.9})
+    shifted = Fractions({(0, 0): 0.95, (1, 0): 0.0}, sizes, {})   # clipped to [0, 1]
+    assert corrected(shifted, table, 0.4).mlp == pytest.approx({(0, 0): 0.75, (1, 0): 0.4})

@@ -137,4 +137,16 @@ class AllocateConfig(StageConfig):
                 params.update(ridge=self.ridge, mlp_floor=self.mlp_floor)
         if self.allocator_params:
             params.update(allocator_params=self.allocator_params, mlp_floor=self.mlp_floor)
+        if self.path_refines:
+            params.update(refine_steps=self.refine_steps, refine_extra=self.refine_extra,
+                          refine_sequences=self.refine_sequences, ridge=self.ridge,
+                          check_seq_len=self.check_seq_len, check_precision=self.check_precision,
+                          mlp_floor=self.mlp_floor)
         return params
+
+    @property
+    def path_refines(self) -> bool:
+        """Whether the path stage refines its fractions at every grid point (learned_path
+        with kl_check and refine_steps, every head kept): the targets then share it."""
+        return (self.allocator == "learned_path" and self.kl_check and self.refine_steps > 0
+                and not self.prune_attention)

@@ -48,9 +48,10 @@ class GpruneParams(ReconstructionParams):
                            "calibration tokens (allocate stage; needs reconstruct=lsq)")
     refine: int = Field(0, ge=0, le=8, description="first-order steps moving each layer's "
                         "MLP channel count by the refit model's calibration KL before the "
-                        "kl_check (gprune.maths.refine; 1 measured 1-2% better held-out, at "
-                        "about 15 s a target on SmolLM2: docs/METHOD_NOTES.md); 0: off. Used "
-                        "with kl_check, heads=false and k=1 only")
+                        "kl_check (gprune.maths.refine; with the learned path once per grid "
+                        "point in the path stage; 1 measured 1-2% better held-out for about "
+                        "2 minutes of CPU: docs/METHOD_NOTES.md); 0: off. Used with "
+                        "kl_check, heads=false and k=1 only")
 
 
 class Gprune(Method):
