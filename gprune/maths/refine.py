@@ -60,17 +60,19 @@ def narrow_outputs(wide: nn.Module, dense: nn.Module, adapter: FamilyAdapter,
     dense_layers = adapter.decoder_layers(dense)
     for index, layer in enumerate(adapter.decoder_layers(wide)):
         out, source = adapter.mlp_output(layer), adapter.mlp_output(dense_layers[index])
-        narrow, kept = (torch.tensor(p.layers[index].mlp_keep) for p in (plan, wide_plan))
+        device = out.weight.device
+        narrow, kept = (torch.tensor(p.layers[index].mlp_keep, device=device)
+                        for p in (plan, wide_plan))
         columns = torch.searchsorted(kept, narrow)
         if columns.max() >= len(kept) or not torch.equal(kept[columns], narrow):
             raise ValueError(f"layer {index}: the wide plan does not keep the plan's channels")
         weight, bias = (fits(index, "mlp")(source.weight, source.bias, narrow)
                         if narrow.numel() < source.in_features else (source.weight, source.bias))
         dtype = torch.promote_types(out.weight.dtype, torch.float32)
-        padded = torch.zeros(out.weight.shape, dtype=dtype)                  # (out, |S+N|)
-        padded[:, columns] = weight.detach().to(dtype)
-        bias = (torch.zeros(padded.shape[0], dtype=dtype) if bias is None
-                else bias.detach().to(dtype))
+        padded = torch.zeros(out.weight.shape, dtype=dtype, device=device)   # (out, |S+N|)
+        padded[:, columns] = weight.detach().to(device, dtype)
+        bias = (torch.zeros(padded.shape[0], dtype=dtype, device=device) if bias is None
+                else bias.detach().to(device, dtype))
         wide_bias = torch.zeros_like(bias) if out.bias is None else out.bias.detach().to(dtype)
         steps.append(OutputStep(out.weight.detach().to(dtype) - padded, wide_bias - bias))
         set_output(out, padded, bias)
