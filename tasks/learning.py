@@ -57,9 +57,8 @@ def check_inputs(config: AllocateConfig, store: ArtifactStore, stats: Artifact):
     the stats and the batch settings, so the targets of one sweep share them: the sets of
     the last model are kept in this process (the dense final hidden states, and as many of
     the dense side's KL terms as half a memo's budget holds, a quarter for a second set),
-    and with
-    them the dense model itself (read only: the check prunes copies) when it is no larger
-    than a memo's budget."""
+    and with them the dense model itself (read only: the check prunes copies) when it is no
+    larger than a memo's budget."""
     from artifacts.memo import default_budget, nbytes
     from gprune.maths.plan_check import dense_teacher
     from gprune.models.loader import resolve_device

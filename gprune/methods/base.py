@@ -152,7 +152,8 @@ class Method:
 
     @property
     def refine_steps(self) -> int:
-        """First-order refinement steps of the MLP channel counts (allocate stage)."""
+        """First-order refinement steps of the MLP channel counts (``gprune.maths.refine``;
+        the path stage with the learned path, else the allocate stage)."""
         return getattr(self.params, "refine", 0)
 
     def check_model(self, shape, allocate, choice=None) -> None:
