@@ -58,14 +58,15 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
 
     def build(out):
         scores = pd.read_parquet(score.file("scores.parquet"))
+        path = store.read(path_key, stage="path") if path_key else None
         started = time.time()
         inputs = AllocationInputs(
             scores, shape, config.sparsity, config.prune_attention, config.learn_settings(),
-            path_table=_path_table(store, path_key, config),
+            path_table=_path_table(path, config),
             learning=lambda: learning_inputs(config, store, stats),
             mlp_floor=config.mlp_floor, params=config.allocator_params)
         fractions, history = chosen.fractions(inputs)
-        refined = _path_corrections(store, path_key)
+        refined = _path_corrections(path)
         if refined is not None:            # refined by the path stage at its grid points
             fractions = corrected(fractions, refined, config.sparsity)
         alloc = chosen.allocation(fractions, inputs)
@@ -94,12 +95,9 @@ def run_allocate(config: AllocateConfig, store: ArtifactStore, score_key: str, s
     return run_stage(store, "allocate", spec, build, force)
 
 
-def _path_corrections(store: ArtifactStore, path_key: str | None) -> pd.DataFrame | None:
+def _path_corrections(path: Artifact | None) -> pd.DataFrame | None:
     """The path stage's refinement at its grid points (``refine.parquet``), if it refined."""
-    if not path_key:
-        return None
-    path = store.read(path_key, stage="path")
-    if "refine.parquet" not in path.manifest.get("files", {}):
+    if path is None or "refine.parquet" not in path.manifest.get("files", {}):
         return None
     return pd.read_parquet(path.file("refine.parquet"))
 
@@ -112,10 +110,9 @@ def _check_path(chosen, path_key: str | None) -> None:
         raise ConfigError(f"allocator {chosen.name} uses no path; drop --path")
 
 
-def _path_table(store: ArtifactStore, path_key: str | None, config: AllocateConfig):
-    if not path_key:
+def _path_table(path: Artifact | None, config: AllocateConfig):
+    if path is None:
         return None
-    path = store.read(path_key, stage="path")
     _check_grid(config, path.extra.get("grid", list(config.path_grid)))
     return pd.read_parquet(path.file("path.parquet"))
 

@@ -13,18 +13,8 @@ from gprune.maths.refine import layer_gains, narrow_outputs, refined_fractions, 
 from gprune.maths.surgery import lsq_fits, set_output
 from gprune.models.adapters import adapter_for
 from gprune.models.tiny import tiny_model
+from tests.synthetic import no_hooks, synthetic_grams
 from tests.test_plan_check import batches
-
-
-def gram_of(shape):
-    sizes = {"mlp": shape.intermediate, "attn": shape.heads * shape.head_dim}
-
-    def gram(layer, kind):                             # a synthetic normalized Gram, (d+1, d+1)
-        gen = torch.Generator().manual_seed(layer * 2 + (kind == "mlp"))
-        x = torch.cat([torch.randn(96, sizes[kind], generator=gen, dtype=torch.float64),
-                       torch.ones(96, 1, dtype=torch.float64)], 1)
-        return x.T @ x / 96
-    return gram
 
 
 def plans(shape, family, counts, extra, seed=0):
@@ -53,7 +43,7 @@ def setup(family, dtype=torch.float32):
     counts = [shape.intermediate // 2 + l for l in range(shape.num_layers)]
     counts[-1] = shape.intermediate - 1          # its wide copy keeps every channel (dense)
     plan, wide_plan = plans(shape, family, counts, extra=3)
-    fits = lsq_fits(gram_of(shape), 1e-3, [])
+    fits = lsq_fits(synthetic_grams(shape), 1e-3, [])
     wide = pruned_copies(dense, adapter, [wide_plan], fits)[0]
     steps = narrow_outputs(wide, dense, adapter, plan, wide_plan, fits)
     return dense, adapter, plan, wide_plan, fits, wide, steps
@@ -101,6 +91,7 @@ def test_layer_gains_are_the_directional_derivatives_of_the_kl(family):
             return dense_terms(dense(input_ids=ids, attention_mask=mask).logits)
 
     gains = layer_gains(wide, adapter, steps, data, terms)
+    assert no_hooks(wide)
     eps = 1e-3          # HF norms and rotary run in float32: smaller steps drown in rounding
     for index, (layer, step) in enumerate(zip(adapter.decoder_layers(wide), steps)):
         out = adapter.mlp_output(layer)
