@@ -65,7 +65,7 @@ GROUPS = ("main", "mlp_only", "single", "gisp", "margin", "ablations")
 SEEDED = ("main", "mlp_only")   # groups run at every seed; the others at the first only
 ABLATIONS = ("k=4", "k=4,gate=true", "heads=true", "aggregate=normalized_mean",
              "allocator=uniform", "k=4,gate=true,aggregate=normalized_mean,heads=true",
-             "refine=1")
+             "refine=0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -148,7 +148,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
     from tasks.allocate import run_allocate
 
     config = dict(model="tiny:llama", sources=["wikipedia", "code"], sparsities=[0.2, 0.4],
-                  methods=["gprune:refine=1"], capture_sequences=2, capture_seq_len=32,
+                  methods=["gprune"], capture_sequences=2, capture_seq_len=32,
                   capture_batch_size=2, evaluate=False, device="cpu")
     result = gprune_flow(config=config, store=str(tmp_path / "store"))
     store = ArtifactStore(tmp_path / "store")
@@ -174,7 +174,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
 
 
 def the_path_refines_as_each_target_would(store, flow_config: dict, result: dict) -> None:
-    """gprune:refine=1's path refines once per grid point (one step on 8 sequences); at a
+    """gprune's path refines once per grid point (refine=1: one step on 16 sequences); at a
     target on the grid the allocate stage keeps exactly the counts a per-target refinement
     gives."""
     import pandas as pd
@@ -186,17 +186,17 @@ def the_path_refines_as_each_target_would(store, flow_config: dict, result: dict
     from tasks.allocate import build_plan, lsq_check_fits, stats_shape
     from tasks.allocate_refine import refine_allocation
 
-    key = result["plans"]["gprune:refine=1@0.2"]
+    key = result["plans"]["gprune@0.2"]
     art = store.read(key)
     path = store.read(art.manifest["inputs"]["path"])
     grid = path.extra["refine"]["grid"]
     assert list(grid) == [str(s) for s in path.extra["grid"]]
-    assert all(r["steps"] == 1 and r["sequences"] == 8 and r["extra"] >= 1 for r in grid.values())
+    assert all(r["steps"] == 1 and r["sequences"] == 16 and r["extra"] >= 1 for r in grid.values())
     stats = store.read(art.manifest["inputs"]["stats"])
     scores = pd.read_parquet(store.read(art.manifest["inputs"]["score"]).file("scores.parquet"))
     shape = stats_shape(stats)
     config = PipelineConfig.build(**{k: v for k, v in flow_config.items() if k != "methods"}
-                                  ).allocate_config(build_method("gprune:refine=1"), 0.2)
+                                  ).allocate_config(build_method("gprune"), 0.2)
     base = path_fractions(pd.read_parquet(path.file("path.parquet")), scores, shape, 0.2, False)
     _, alloc, record = refine_allocation(
         config, store, stats, shape, base, project(base, shape, 0.2, config.mlp_floor, False),

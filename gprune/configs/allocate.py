@@ -51,7 +51,7 @@ class AllocateConfig(StageConfig):
     refine_extra: float = Field(0.05, gt=0, lt=1, description="refine: the channels added to "
                                 "each layer in the estimate, and the largest move of a step "
                                 "in standard deviations, as a fraction of the layer's channels")
-    refine_sequences: int = Field(8, ge=1, description="refine: calibration sequences of "
+    refine_sequences: int = Field(16, ge=1, description="refine: calibration sequences of "
                                   "check_seq_len tokens (drawn with seed + 2: not the check's)")
     allocator_params: dict = Field(default_factory=dict, description="the method's own "
                                    "settings of its allocator (e.g. gisp's schedule); part "

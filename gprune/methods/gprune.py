@@ -7,13 +7,13 @@ heads are kept (``heads=false``: removing them cost the never-seen domains far m
 any calibration objective showed); MLP keep fractions per layer come from a learned path
 (one learning run serves every target), kept only when, refit by least squares, it is no
 worse in KL to dense on held-apart calibration tokens than the uniform MLP-only plan
-(``kl_check``); ``gprune:refine=1`` first moves each layer's count by one first-order
-step of the refit model's calibration KL (``gprune.maths.refine``). METHOD.md's partition
+(``kl_check``), after each layer's count has moved by one first-order step of the refit
+model's calibration KL (``refine``, ``gprune.maths.refine``). METHOD.md's partition
 into K behaviour-consistent modules and its reliability gate remain parameters
 (``gprune:k=4,gate=true,aggregate=normalized_mean`` is the paper's reading): on SmolLM2
 the partition made held-out perplexity worse and the gate switched no module. Ablations:
 ``gprune:k=4``, ``gprune:gate=true``, ``gprune:heads=true``, ``gprune:allocator=uniform``,
-``gprune:kl_check=false``, ``gprune:refine=1``.
+``gprune:kl_check=false``, ``gprune:refine=0``.
 """
 from __future__ import annotations
 
@@ -46,12 +46,12 @@ class GpruneParams(ReconstructionParams):
     kl_check: bool = Field(True, description="keep the uniform MLP-only plan (same refit) "
                            "when the allocator's plan has a higher KL to dense on held-apart "
                            "calibration tokens (allocate stage; needs reconstruct=lsq)")
-    refine: int = Field(0, ge=0, le=8, description="first-order steps moving each layer's "
+    refine: int = Field(1, ge=0, le=8, description="first-order steps moving each layer's "
                         "MLP channel count by the refit model's calibration KL before the "
                         "kl_check (gprune.maths.refine; with the learned path once per grid "
-                        "point in the path stage; 1 measured 1-2% better held-out for about "
-                        "2 minutes of CPU: docs/METHOD_NOTES.md); 0: off. Used with "
-                        "kl_check, heads=false and k=1 only")
+                        "point in the path stage, about 2 minutes of CPU for SmolLM2; "
+                        "measured 1-2% better held-out: docs/METHOD_NOTES.md); 0: off. Used "
+                        "with kl_check, heads=false and k=1 only")
 
 
 class Gprune(Method):
