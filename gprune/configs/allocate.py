@@ -51,8 +51,9 @@ class AllocateConfig(StageConfig):
     refine_extra: float = Field(0.05, gt=0, lt=1, description="refine: the channels added to "
                                 "each layer in the estimate, and the largest move of a step "
                                 "in standard deviations, as a fraction of the layer's channels")
-    refine_sequences: int = Field(16, ge=1, description="refine: calibration sequences of "
-                                  "check_seq_len tokens (drawn with seed + 2: not the check's)")
+    refine_sequences: int = Field(16, ge=1, description="refine: calibration sequences "
+                                  "(drawn with seed + 2: not the check's)")
+    refine_seq_len: int = Field(128, ge=8, description="refine: tokens per sequence")
     allocator_params: dict = Field(default_factory=dict, description="the method's own "
                                    "settings of its allocator (e.g. gisp's schedule); part "
                                    "of the path's and the plan's key when not empty")
@@ -101,7 +102,7 @@ class AllocateConfig(StageConfig):
             for name in ("kl_check", "check_sequences", "check_seq_len", "check_precision"):
                 params.pop(name)
         if not (self.kl_check and self.refine_steps):
-            for name in ("refine_steps", "refine_extra", "refine_sequences"):
+            for name in ("refine_steps", "refine_extra", "refine_sequences", "refine_seq_len"):
                 params.pop(name)
         if not (allocator(self.allocator).needs_gram or self.kl_check):
             params.pop("ridge")
@@ -117,7 +118,7 @@ class AllocateConfig(StageConfig):
     def refine_config(self) -> "AllocateConfig":
         """The settings of the refinement's batches (other sequences than the check's)."""
         return self.model_copy(update={"n_sequences": self.refine_sequences,
-                                       "seq_len": self.check_seq_len, "seed": self.seed + 2})
+                                       "seq_len": self.refine_seq_len, "seed": self.seed + 2})
 
     def learn_settings(self) -> dict:
         """Settings of a learning allocator (LearnSettings / PathSettings fields)."""
@@ -140,7 +141,7 @@ class AllocateConfig(StageConfig):
         if self.path_refines:
             params.update(refine_steps=self.refine_steps, refine_extra=self.refine_extra,
                           refine_sequences=self.refine_sequences, ridge=self.ridge,
-                          check_seq_len=self.check_seq_len, check_precision=self.check_precision,
+                          refine_seq_len=self.refine_seq_len, check_precision=self.check_precision,
                           mlp_floor=self.mlp_floor)
         return params
 
