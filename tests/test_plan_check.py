@@ -174,7 +174,7 @@ def test_flow_plans_are_never_worse_than_uniform_mlp_only_on_calibration_kl(
 
 
 def the_path_refines_as_each_target_would(store, flow_config: dict, result: dict) -> None:
-    """gprune's path refines once per grid point (refine=1: one step on 16 sequences); at a
+    """gprune's path refines once per grid point (refine=1: one step on 16 x 128 tokens); at a
     target on the grid the allocate stage keeps exactly the counts a per-target refinement
     gives."""
     import pandas as pd

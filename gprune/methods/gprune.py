@@ -49,7 +49,7 @@ class GpruneParams(ReconstructionParams):
     refine: int = Field(1, ge=0, le=8, description="first-order steps moving each layer's "
                         "MLP channel count by the refit model's calibration KL before the "
                         "kl_check (gprune.maths.refine; with the learned path once per grid "
-                        "point in the path stage, about 2 minutes of CPU for SmolLM2; "
+                        "point in the path stage, about 90 s of a 2-core CPU for SmolLM2; "
                         "measured 1-2% better held-out: docs/METHOD_NOTES.md); 0: off. Used "
                         "with kl_check, heads=false and k=1 only")
 
