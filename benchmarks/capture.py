@@ -23,12 +23,15 @@ over tokens/s plain) divided by the FLOP limit, forward FLOPs / (forward FLOPs +
 per token. Forward FLOPs: ``gprune.maths.evaluate.flops_per_token`` of the decoder body
 (2 per weight, attention at the mean causal context, no LM head); Gram FLOPs:
 ``gprune.maths.gram.gram_flops_per_token``, the multiply-adds of the blocked upper-triangle
-updates as implemented (SmolLM2: 0.625 of the full (d+1)^2 for the MLP Gram, 0.75 for the
-attention one). A value of 1 means the Gram updates run as fast per FLOP as the model's
-forward; float64 matrix products run at about half the float32 rate on CPUs, so about 0.5-0.7
-is what float64 accumulation allows there.
+updates as implemented (SmolLM2: 0.625 of the full d^2 for the MLP Gram, 0.75 for the
+attention one, plus the sums column). A value of 1 means the Gram updates run as fast per
+FLOP as the model's forward. On the project's 2-core CPU (AMD EPYC) float64 products run at
+about 95 GFLOP/s, near that CPU's float64 peak, against about 130 for the float32 forward, so
+about 0.89 is the most the Gram's float64 accumulation allows there; the rest is what the
+updates cost beyond their products. The figure moves by about +-0.01 from run to run: five
+repeats (ten paired batches) is the default.
 
-    python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 3
+    python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 5
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=8, help="sequences per pass")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=4, help="sequences per forward")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each kind")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes of each kind")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     parser.add_argument("--threads", type=int, default=0,

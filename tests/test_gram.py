@@ -237,8 +237,9 @@ def test_config_cost_and_cli_help(capsys):
     dims = gram_dims(model, adapter_for(model.config))
     assert dims == [{"mlp": 96, "attn": 64}] * 3
     assert gram_bytes(dims, 8) == 8 * 3 * (97**2 + 65**2)
-    assert gram_flops_per_token(dims, leaf=10**6) == 2 * 3 * (97**2 + 65**2)
-    assert gram_flops_per_token(dims) == 2 * 3 * (97**2 + 65**2)   # narrower than 2 * leaf
+    # the d x d products (2 FLOPs a multiply-add) and the sums column (1 FLOP an add)
+    assert gram_flops_per_token(dims, leaf=10**6) == 3 * (2 * 96**2 + 96 + 2 * 64**2 + 64)
+    assert gram_flops_per_token(dims) == 3 * (2 * 96**2 + 96 + 2 * 64**2 + 64)  # < 2 * leaf
     # 97 = 48 | 49 columns, each halved again: diagonal leaves full, off-diagonal blocks once
     assert update_macs(97, leaf=16) == 3 * 24**2 + 48 * 49 + (24**2 + 24 * 25 + 25**2)
     with pytest.raises(SystemExit) as exit_info:

@@ -9,14 +9,17 @@ attribute name here), ``GramCapture`` accumulates over the real (non-padding) to
     G[:d, :d] = sum x x^T,   G[:d, d] = G[d, :d] = sum x,   G[d, d] = token count.
 
 Accumulation is float64 on the model's device. Each batch's real tokens are copied, in
-chunks, into a reused (m, d+1) float64 block X1 whose last column is 1, and added as a
-symmetric rank-m update G += X1^T X1 computed on the upper triangle only: the columns are
-halved recursively, each off-diagonal block is one ``torch.addmm`` and a diagonal block
-narrower than 2 * ``leaf`` (512) columns one full ``addmm`` (``update_macs`` counts it:
-SmolLM2's 1537-wide MLP Gram costs 0.63 of the full (d+1)^2 per token, a 7B's 11009-wide
-one 0.52). All of it runs in torch's BLAS (MKL on CPUs, cuBLAS on GPUs): a second BLAS in
-the process (SciPy's OpenBLAS ``dsyrk``) was measured to leave spinning threads that slowed
-the model's own forward about 3x on 2 cores. The matrix is symmetrized when read.
+chunks, into a reused (m, d) float64 block X (d columns, so the products run on aligned
+widths: SmolLM2's 1536 columns run about 5-10% faster than 1537 on the 2-core CPU), added as a
+symmetric rank-m update G[:d, :d] += X^T X computed on the upper triangle only, plus the column
+sums G[:d, d] += X^T 1 and the count G[d, d] += m. The columns are halved recursively, each
+off-diagonal block is one ``torch.addmm`` and a diagonal block narrower than 2 * ``leaf``
+(512) columns one full ``addmm`` (``update_macs`` counts it: SmolLM2's 1536-wide MLP Gram costs
+0.63 of the full d^2 per token, a 7B's 11008-wide one 0.52). All of it runs in torch's BLAS
+(MKL on CPUs, cuBLAS on GPUs): a second BLAS in the process (SciPy's OpenBLAS ``dsyrk``) was
+measured to leave spinning threads that slowed the model's own forward about 3x on 2 cores,
+and on this CPU it is no faster per multiply-add than the blocked update.
+The matrix is symmetrized when read.
 
 Hooks are registered in ``__enter__`` and always removed in ``__exit__``. A NaN/inf in an
 input shows on the Gram's diagonal (checked per batch, O(d)); off-diagonal entries are then
@@ -56,7 +59,7 @@ LEAF = 256   # diagonal blocks narrower than 2 * LEAF are one full addmm
 
 
 def default_chunk_elements(device: torch.device) -> int:
-    """float64 elements of the reused [x, 1] block: 32 MiB on a CPU, 256 MiB on a GPU."""
+    """float64 elements of the reused (m, d) block: 32 MiB on a CPU, 256 MiB on a GPU."""
     return 2**22 if device.type == "cpu" else 2**25
 
 
@@ -101,8 +104,12 @@ class GramSum:
         return self._zeros
 
     def add(self, block: torch.Tensor) -> None:
-        """block (m, d+1) float64, last column 1: G += block^T block (upper triangle)."""
-        add_upper(self._acc, block, self.leaf)
+        """block (m, d) float64: G += [block, 1]^T [block, 1] on the upper triangle (the
+        d x d products, then the sums column and the count)."""
+        acc, d = self._acc, self.width
+        add_upper(acc[:d, :d], block, self.leaf)                              # (d, d)
+        acc[:d, d] += block.sum(0)                                            # (d,)
+        acc[d, d] += block.shape[0]
 
     def diagonal_finite(self) -> torch.Tensor:
         """0-dim bool: every diagonal entry finite (NaN/inf in any input shows there)."""
@@ -155,7 +162,7 @@ class GramCapture(HookedPass):
                         "attn": [adapter.attn_output(layer) for layer in self.layers]}
         self.sums = {kind: [GramSum(m.in_features, self.device, leaf) for m in modules]
                      for kind, modules in self.modules.items()}
-        self._blocks: dict[int, torch.Tensor] = {}   # width d -> reused (rows, d+1) block
+        self._blocks: dict[int, torch.Tensor] = {}   # width d -> reused (rows, d) block
         self._spill_dir: tempfile.TemporaryDirectory | None = None
 
     def _register(self) -> None:
@@ -164,12 +171,11 @@ class GramCapture(HookedPass):
                 self._track(module.register_forward_pre_hook(partial(self._on_input, gram)))
 
     def _buffer(self, width: int) -> torch.Tensor:
-        """The reused (capacity, d+1) float64 C-contiguous block of width d; last column 1."""
+        """The reused (capacity, d) float64 C-contiguous block of width d."""
         block = self._blocks.get(width)
         if block is None:
-            capacity = max(64, self.chunk_elements // (width + 1))
-            block = torch.empty(capacity, width + 1, dtype=torch.float64, device=self.device)
-            block[:, width] = 1.0
+            capacity = max(64, self.chunk_elements // width)
+            block = torch.empty(capacity, width, dtype=torch.float64, device=self.device)
             self._blocks[width] = block
         return block
 
@@ -179,12 +185,12 @@ class GramCapture(HookedPass):
         flat = args[0].reshape(-1, gram.width)                                # (B*T, d)
         rows = self._rows
         n = flat.shape[0] if rows is None else rows.numel()
-        buffer = self._buffer(gram.width)                                     # (cap, d+1)
+        buffer = self._buffer(gram.width)                                     # (cap, d)
         for start in range(0, n, buffer.shape[0]):
             stop = min(start + buffer.shape[0], n)
             part = flat[start:stop] if rows is None else flat.index_select(0, rows[start:stop])
-            block = buffer[:stop - start]                                     # (m, d+1)
-            block[:, :gram.width].copy_(part)                                 # float32 -> 64
+            block = buffer[:stop - start]                                     # (m, d)
+            block.copy_(part)                                                 # float32 -> 64
             gram.add(block)
 
     def first_non_finite(self) -> tuple[int, str] | None:
@@ -261,9 +267,11 @@ def gram_bytes(dims: list[dict[str, int]], itemsize: int = 8,
 
 
 def gram_flops_per_token(dims: list[dict[str, int]], leaf: int = LEAF) -> float:
-    """FLOPs (2 per multiply-add) per token of the Gram updates as implemented
-    (``update_macs``: the blocked upper triangle; (d+1)(d+2)/2 would be an exact syrk)."""
-    return 2.0 * sum(update_macs(layer[kind] + 1, leaf) for layer in dims for kind in KINDS)
+    """FLOPs per token of the Gram updates as implemented: 2 per multiply-add of the blocked
+    upper triangle (``update_macs``; d(d+1)/2 would be an exact syrk) and 1 per add of the
+    sums column."""
+    return sum(2.0 * update_macs(layer[kind], leaf) + layer[kind]
+               for layer in dims for kind in KINDS)
 
 
 def describe_cost(dims: list[dict[str, int]], storage_dtype: str) -> str:
