@@ -9,16 +9,17 @@ attribute name here), ``GramCapture`` accumulates over the real (non-padding) to
     G[:d, :d] = sum x x^T,   G[:d, d] = G[d, :d] = sum x,   G[d, d] = token count.
 
 Accumulation is float64 on the model's device. Each batch's real tokens are copied, in
-chunks, into a reused (m, d) float64 block X (d columns, so the products run on aligned
-widths: SmolLM2's 1536 columns run about 5-10% faster than 1537 on the 2-core CPU), added as a
-symmetric rank-m update G[:d, :d] += X^T X computed on the upper triangle only, plus the column
-sums G[:d, d] += X^T 1 and the count G[d, d] += m. The columns are halved recursively, each
-off-diagonal block is one ``torch.addmm`` and a diagonal block narrower than 2 * ``leaf``
-(512) columns one full ``addmm`` (``update_macs`` counts it: SmolLM2's 1536-wide MLP Gram costs
-0.63 of the full d^2 per token, a 7B's 11008-wide one 0.52). All of it runs in torch's BLAS
-(MKL on CPUs, cuBLAS on GPUs): a second BLAS in the process (SciPy's OpenBLAS ``dsyrk``) was
-measured to leave spinning threads that slowed the model's own forward about 3x on 2 cores,
-and on this CPU it is no faster per multiply-add than the blocked update.
+chunks, into a reused (m, d) float64 block X and added as a symmetric rank-m update
+G[:d, :d] += X^T X on the upper triangle only, plus the column sums G[:d, d] += X^T 1 and the
+count G[d, d] += m. Keeping the ones column out of the products keeps their widths aligned:
+SmolLM2's 1536 and 576 columns ran 3-14% faster than 1537 and 577 in a micro-benchmark on the
+2-core CPU. The columns are halved recursively, each off-diagonal block is one ``torch.addmm``
+and a diagonal block narrower than 2 * ``leaf`` (512) columns one full ``addmm``
+(``update_macs`` counts it: SmolLM2's 1536-wide MLP Gram costs 0.63 of the full d^2 per
+token, a 7B's 11008-wide one 0.52). All of it runs in torch's BLAS (MKL on CPUs, cuBLAS on
+GPUs): a second BLAS in the process (SciPy's OpenBLAS ``dsyrk``) was measured to leave
+spinning threads that slowed the model's own forward about 3x on 2 cores, and on the AMD
+2-core VM it is no faster per multiply-add than the blocked update.
 The matrix is symmetrized when read.
 
 Hooks are registered in ``__enter__`` and always removed in ``__exit__``. A NaN/inf in an
