@@ -28,7 +28,7 @@ attention one, plus the sums column). A value of 1 means the Gram updates run as
 FLOP as the model's forward. On the project's 2-core CPU (AMD EPYC) float64 products run at
 about 95 GFLOP/s, near that CPU's float64 peak, against about 130 for the float32 forward, so
 about 0.89 is the most the Gram's float64 accumulation allows there; the rest is what the
-updates cost beyond their products. The figure moves by about +-0.01 from run to run: five
+updates cost beyond their products. The figure moves by up to about +-0.02 from run to run: five
 repeats (ten paired batches) is the default.
 
     python benchmarks/capture.py --model smollm2 --n 8 --seq-len 256 --batch 4 --repeats 5
